@@ -1,0 +1,224 @@
+"""Command line: flags, ``DOT_PROXY_*`` environment and defaults → one Config → serve.
+
+Precedence is flag, then environment variable, then default. A value that cannot be used ends
+the program with one line on stderr naming the flag, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn, TypeVar
+
+import trio
+
+from dot_proxy import __version__
+from dot_proxy.config import DEFAULT_UPSTREAMS, Config, parse_listen_address, parse_upstream
+from dot_proxy.errors import ConfigError
+from dot_proxy.server import bind_sockets, serve
+from dot_proxy.upstream import make_ssl_context
+
+__all__ = ["build_config", "main"]
+
+log = logging.getLogger("dot_proxy")
+
+EXIT_USAGE = 2
+ENV_PREFIX = "DOT_PROXY_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+T = TypeVar("T")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: the line says what is wrong and where.
+        raise ConfigError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dot-proxy",
+        description="Forward plain DNS (UDP and TCP) to resolvers over TLS (RFC 7858).",
+        epilog="Every flag also reads DOT_PROXY_<FLAG> (e.g. DOT_PROXY_UPSTREAM); repeatable "
+        "flags take a comma-separated list there.",
+    )
+    add = parser.add_argument
+    add("--version", action="version", version=f"dot-proxy {__version__}")
+    add(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="address to listen on, repeatable (default: 0.0.0.0 and ::)",
+    )
+    add("--port", metavar="N", help="port for UDP and TCP (default: 53)")
+    add(
+        "--upstream",
+        action="append",
+        metavar="HOST[:PORT][#AUTH_NAME]",
+        help="DoT resolver, repeatable, tried in order (default: Cloudflare "
+        "1.1.1.1 and 1.0.0.1, #cloudflare-dns.com)",
+    )
+    add("--ca-file", metavar="PEM", help="trust these CA certificates instead of the system's")
+    add("--timeout", metavar="SECONDS", help="deadline for each query (default: 5)")
+    add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    add(
+        "--tcp-idle-timeout",
+        metavar="SECONDS",
+        help="close an idle client TCP connection after this long (default: 10)",
+    )
+    add("--max-connections", metavar="N", help="TLS connections per upstream at most (default: 4)")
+    add(
+        "--max-pipeline",
+        metavar="N",
+        help="queries in flight on one upstream connection at most (default: 128)",
+    )
+    add(
+        "--upstream-idle-timeout",
+        metavar="SECONDS",
+        help="close an idle upstream connection after this long (default: 10)",
+    )
+    add(
+        "--max-in-flight",
+        metavar="N",
+        help="queries being resolved at once, all clients (default: 2000)",
+    )
+    add(
+        "--no-reuse",
+        action="store_const",
+        const="true",
+        default=None,
+        help="open a new TLS connection for every query (slow; for comparison only)",
+    )
+    return parser
+
+
+def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Turn arguments and environment into a validated :class:`Config`.
+
+    Error handling: raises :class:`ConfigError` naming the flag for any unusable value.
+    """
+    args = _parser().parse_args(argv)
+    value = _Lookup(args, environ)
+    ca_file = value.one("ca_file", str, None)
+    if ca_file is not None:
+        _check_ca_file(ca_file)
+    log_level = value.one("log_level", str.upper, "INFO")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    defaults = Config(upstreams=(parse_upstream(DEFAULT_UPSTREAMS[0]),))
+    return Config(
+        upstreams=tuple(
+            parse_upstream(text) for text in value.many("upstream", list(DEFAULT_UPSTREAMS))
+        ),
+        listen=tuple(
+            parse_listen_address(text) for text in value.many("listen", list(defaults.listen))
+        ),
+        port=value.one("port", int, defaults.port),
+        ca_file=ca_file,
+        timeout=value.one("timeout", float, defaults.timeout),
+        log_level=log_level,
+        tcp_idle_timeout=value.one("tcp_idle_timeout", float, defaults.tcp_idle_timeout),
+        reuse=not value.one("no_reuse", _boolean, False),
+        max_connections=value.one("max_connections", int, defaults.max_connections),
+        max_pipeline=value.one("max_pipeline", int, defaults.max_pipeline),
+        upstream_idle_timeout=value.one(
+            "upstream_idle_timeout", float, defaults.upstream_idle_timeout
+        ),
+        max_in_flight=value.one("max_in_flight", int, defaults.max_in_flight),
+    )
+
+
+class _Lookup:
+    """Flag, else environment variable, else default; converted, with errors naming the flag."""
+
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+        self._args = args
+        self._environ = environ
+
+    def _raw(self, name: str) -> tuple[str, object]:
+        flag = "--" + name.replace("_", "-")
+        given = getattr(self._args, name)
+        if given is not None:
+            return flag, given
+        variable = ENV_PREFIX + name.upper()
+        text = self._environ.get(variable, "").strip()
+        return (variable, text) if text else (flag, None)
+
+    def one(self, name: str, convert: Callable[[str], T], default: T) -> T:
+        where, raw = self._raw(name)
+        if raw is None:
+            return default
+        assert isinstance(raw, str)
+        try:
+            return convert(raw)
+        except ValueError:
+            raise ConfigError(f"{where}: {raw!r} is not a valid value") from None
+
+    def many(self, name: str, default: list[str]) -> list[str]:
+        _where, raw = self._raw(name)
+        if raw is None:
+            return default
+        if isinstance(raw, str):
+            return [item for item in (part.strip() for part in raw.split(",")) if item]
+        assert isinstance(raw, list)
+        return [str(item) for item in raw]
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _check_ca_file(path: str) -> None:
+    try:
+        make_ssl_context(ca_file=path)
+    except FileNotFoundError:
+        raise ConfigError(f"--ca-file: {path!r} does not exist") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"--ca-file: {path!r} holds no usable CA certificate ({exc})") from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _run(config: Config, sockets: list[socket.socket]) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, stop)
+        await serve(config, sockets=sockets, stop=stop)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting."""
+    try:
+        config = build_config(sys.argv[1:] if argv is None else argv, os.environ)
+        _configure_logging(config.log_level)
+        sockets = bind_sockets(config)
+    except ConfigError as exc:
+        print(f"dot-proxy: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    trio.run(_run, config, sockets)
+    log.info("stopped")

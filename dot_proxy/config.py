@@ -1,0 +1,151 @@
+"""Configuration: frozen values built once at the edge and passed down.
+
+``cli`` turns flags, ``DOT_PROXY_*`` variables and defaults into one :class:`Config`; this module
+holds the types, the defaults and the parsing of values that have a syntax of their own (an
+upstream spec). Every check raises :class:`ConfigError` with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from dot_proxy.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_UPSTREAMS",
+    "Config",
+    "UpstreamSpec",
+    "parse_listen_address",
+    "parse_upstream",
+]
+
+DOT_PORT = 853
+DEFAULT_UPSTREAMS = ("1.1.1.1:853#cloudflare-dns.com", "1.0.0.1:853#cloudflare-dns.com")
+# RFC 1123 §2.1 host names; a trailing dot is allowed and dropped.
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}\.?$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One DoT resolver: the address to dial and the name its certificate must carry.
+
+    ``auth_name`` is what the certificate is checked against (RFC 8310 §8.1); it is the
+    address itself when the spec gives no ``#NAME``.
+    """
+
+    host: str
+    port: int
+    auth_name: str
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name this upstream."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}#{self.auth_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the server needs, validated. Build with ``cli.build_config`` or directly."""
+
+    upstreams: tuple[UpstreamSpec, ...]
+    listen: tuple[str, ...] = ("0.0.0.0", "::")
+    port: int = 53
+    ca_file: str | None = None
+    timeout: float = 5.0
+    log_level: str = "INFO"
+    tcp_idle_timeout: float = 10.0
+    # Pool of upstream connections (RFC 7858 §3.4: reuse and pipeline).
+    reuse: bool = True
+    max_connections: int = 4
+    max_pipeline: int = 128
+    upstream_idle_timeout: float = 10.0
+    max_in_flight: int = 2000
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ConfigError("--upstream: at least one upstream is needed")
+        if not self.listen:
+            raise ConfigError("--listen: at least one address is needed")
+        _check_range("--port", self.port, 0, 65535)
+        _check_positive("--timeout", self.timeout)
+        _check_positive("--tcp-idle-timeout", self.tcp_idle_timeout)
+        _check_positive("--upstream-idle-timeout", self.upstream_idle_timeout)
+        _check_range("--max-connections", self.max_connections, 1, 1024)
+        # RFC 7766 §6.2.1: IDs must be unique among a connection's in-flight queries.
+        _check_range("--max-pipeline", self.max_pipeline, 1, 65535)
+        _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
+
+    @property
+    def connect_timeout(self) -> float:
+        """Budget for TCP connect plus TLS handshake, leaving time to fail over."""
+        return self.timeout * 0.4
+
+    @property
+    def stall_timeout(self) -> float:
+        """Silence, with queries outstanding, after which an upstream connection is dead."""
+        return min(1.0, self.timeout / 4)
+
+
+def _check_range(flag: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{flag}: {value} is out of range ({low} to {high})")
+
+
+def _check_positive(flag: str, value: float) -> None:
+    if not 0 < value < float("inf"):  # also rejects NaN
+        raise ConfigError(f"{flag}: {value} must be a positive number of seconds")
+
+
+def parse_listen_address(text: str) -> str:
+    """Validate one ``--listen`` value: an IPv4 or IPv6 address (brackets allowed)."""
+    address = text.strip()
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        raise ConfigError(f"--listen: {text!r} is not an IP address") from None
+
+
+def parse_upstream(text: str) -> UpstreamSpec:
+    """Parse ``HOST[:PORT][#AUTH_NAME]``; IPv6 as ``[ADDR]:PORT`` or a bare ``ADDR``.
+
+    HOST must be an IP address: resolving a name would need DNS before DNS works, and the
+    name to authenticate is given separately after ``#`` (RFC 8310 §8.1).
+    """
+    spec = text.strip()
+    where = f"--upstream: {text!r}"
+    address_part, hash_sign, auth_name = spec.partition("#")
+    if hash_sign and not _HOSTNAME.match(auth_name):
+        raise ConfigError(f"{where}: {auth_name!r} after '#' is not a host name")
+    host, port = _split_host_port(address_part, where)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {host!r} is not an IP address (give the address, then '#' and its name)"
+        ) from None
+    return UpstreamSpec(host=host, port=port, auth_name=auth_name.rstrip(".") or host)
+
+
+def _split_host_port(text: str, where: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{where}: write IPv6 as [ADDRESS]:PORT")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""  # IPv4 without port, or a bare IPv6 address
+    if not port_text:
+        return host, DOT_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{where}: port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)

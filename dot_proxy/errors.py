@@ -1,0 +1,57 @@
+"""The exception tree: one root, translated once at each boundary."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DotProxyError",
+    "UpstreamClosed",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTLSError",
+    "WireError",
+]
+
+
+class DotProxyError(Exception):
+    """Root of every error dot-proxy raises on purpose."""
+
+
+class ConfigError(DotProxyError):
+    """A flag, environment variable or default that cannot be used.
+
+    The message names the setting and the problem; the CLI prints it on one line and exits 2.
+    """
+
+
+class WireError(DotProxyError):
+    """A message that cannot be handled as DNS.
+
+    ``rcode`` is what to answer with (FORMERR, NOTIMP, ...), or ``None`` when the message is too
+    broken to answer at all and must be dropped.
+    """
+
+    def __init__(self, message: str, *, rcode: int | None) -> None:
+        super().__init__(message)
+        self.rcode = rcode
+
+
+class UpstreamError(DotProxyError):
+    """An upstream resolver could not give an answer; the client gets SERVFAIL."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """TCP connect failed (refused, unreachable, reset)."""
+
+
+class UpstreamTLSError(UpstreamError):
+    """The TLS handshake or the upstream's authentication failed; nothing was sent."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream broke RFC 7858 framing or sent something that is not DNS."""
+
+
+class UpstreamClosed(UpstreamError):
+    """The connection closed or broke before the answer arrived; the query may be retried."""

@@ -1,0 +1,442 @@
+"""TLS connections to upstream resolvers: open, pipeline, match answers, pool.
+
+RFC 7858 §3.4 asks a DoT client to keep connections open and to pipeline queries on them; RFC 7766
+§6.2.1 lets answers come back in any order, matched by ID. One :class:`Connection` is one
+``trio.SSLStream`` with a reader task, a writer task and a watchdog, all in the upstream's nursery,
+never in the query task that asked for it. An :class:`Upstream` is the pool of connections to one
+resolver. trio and ssl exceptions are mapped to :mod:`dot_proxy.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+
+import trio
+
+from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.errors import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTLSError,
+    WireError,
+)
+from dot_proxy.streams import BatchWriter
+from dot_proxy.wire import (
+    HEADER_SIZE,
+    NEED_DATA,
+    FrameDecoder,
+    answer_question_key,
+    frame,
+    message_id,
+    replace_id,
+)
+
+__all__ = ["Connection", "Upstream", "make_ssl_context", "open_upstreams"]
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_SIZE = 65536
+
+
+def make_ssl_context(*, ca_file: str | None) -> ssl.SSLContext:
+    """The client TLS context for every upstream (RFC 7858 §3.2, RFC 8310 §5 strict profile).
+
+    System CAs, or only ``ca_file`` when given; certificate and host name always checked; TLS 1.2
+    at least; ALPN ``dot`` (RFC 7858 §3.1 does not require it, but servers that host several
+    protocols on one port use it).
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["dot"])
+    return context
+
+
+class _Pending:
+    """One query in flight on a connection, waiting for its answer."""
+
+    __slots__ = ("abandoned", "answer", "error", "event", "key")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.event = trio.Event()
+        self.answer: bytes | None = None
+        self.error: UpstreamError | None = None
+        # A query whose task gave up keeps its ID reserved until the answer comes, so that a
+        # late answer can never be taken for the answer to a later query with the same ID.
+        self.abandoned = False
+
+
+class Connection:
+    """One TLS connection to an upstream, with many queries in flight (RFC 7766 §6.2.1.1).
+
+    Resource handling: :meth:`run` owns the stream and closes it when it returns; it runs in the
+    upstream's nursery. :meth:`retire` takes the connection out of service at once: queries in
+    flight fail with :class:`UpstreamClosed` (the caller retries them elsewhere), and nothing is
+    ever written to it again.
+    """
+
+    def __init__(
+        self,
+        spec: UpstreamSpec,
+        ssl_context: ssl.SSLContext,
+        config: Config,
+        *,
+        on_room: Callable[[], None],
+        on_closed: Callable[[Connection], None],
+    ) -> None:
+        self.spec = spec
+        self._ssl_context = ssl_context
+        self._max_pipeline = config.max_pipeline
+        self._connect_timeout = config.connect_timeout
+        self._stall_timeout = config.stall_timeout
+        self._idle_timeout = config.upstream_idle_timeout
+        self._on_room = on_room
+        self._on_closed = on_closed
+        self.ready = trio.Event()
+        self.error: UpstreamError | None = None
+        self.closed = False
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._writer: BatchWriter | None = None
+        self._scope = trio.CancelScope()
+        now = trio.current_time()
+        self._received_at = now
+        self._busy_since = now
+        self.queries_sent = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Queries sent and not yet answered, including abandoned ones."""
+        return len(self._pending)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether another query may be pipelined on this connection now."""
+        return not self.closed and len(self._pending) < self._max_pipeline
+
+    async def exchange(self, message: bytes, key: bytes) -> bytes:
+        """Send one query and wait for its answer; the answer carries the connection's ID.
+
+        Error handling: raises :class:`UpstreamClosed` if the connection is retired before the
+        answer arrives (the query may be retried on another connection). Cancellation leaves
+        the connection healthy: the query's bytes are written by the writer task, never by the
+        caller, so a cancel cannot cut a write in half.
+        """
+        writer = self._writer
+        if writer is None or self.closed:
+            raise UpstreamClosed(f"{self.spec.label}: connection is not open")
+        pending_map = self._pending
+        wire_id = self._free_id()
+        pending = _Pending(key)
+        if not pending_map:
+            self._busy_since = trio.current_time()
+        pending_map[wire_id] = pending
+        writer.write_nowait(frame(replace_id(message, wire_id)))
+        self.queries_sent += 1
+        try:
+            await pending.event.wait()
+        except BaseException:
+            if pending_map.get(wire_id) is pending:
+                pending.abandoned = True
+            raise
+        if pending.answer is None:
+            raise pending.error or UpstreamClosed(f"{self.spec.label}: no answer")
+        return pending.answer
+
+    def _free_id(self) -> int:
+        # RFC 7766 §6.2.1: an ID is never reused while a query with it is in flight. Counting
+        # up delays reuse as long as possible.
+        wire_id = self._next_id
+        while wire_id in self._pending:
+            wire_id = (wire_id + 1) & 0xFFFF
+        self._next_id = (wire_id + 1) & 0xFFFF
+        return wire_id
+
+    def retire(self, reason: UpstreamError) -> None:
+        """Take the connection out of service now and fail its queries with ``reason``."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.error is None:
+            self.error = reason
+        self._scope.cancel()
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.abandoned:
+                entry.error = reason
+                entry.event.set()
+        self.ready.set()
+        self._on_closed(self)
+
+    async def run(self) -> None:
+        """Connect, then serve queries until retired. Never raises but Cancelled."""
+        stream: trio.SSLStream[trio.SocketStream] | None = None
+        try:
+            with self._scope:
+                try:
+                    stream = await self._connect()
+                except UpstreamError as exc:
+                    log.warning("%s", exc)
+                    self.retire(exc)
+                    return
+                self._writer = BatchWriter(stream, after_send=_quickack_hook(stream))
+                self.ready.set()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_loop, stream)
+                    nursery.start_soon(self._write_loop, self._writer)
+                    nursery.start_soon(self._watchdog)
+        finally:
+            self.retire(UpstreamClosed(f"{self.spec.label}: connection closed"))
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+        spec = self.spec
+        with trio.move_on_after(self._connect_timeout):
+            try:
+                tcp = await trio.open_tcp_stream(spec.host, spec.port)
+            except OSError as exc:
+                raise UpstreamConnectError(
+                    f"{spec.label}: connect failed: {exc.strerror or exc}"
+                ) from exc
+            # https_compatible: DNS messages are length-framed, so a TCP close without TLS
+            # close_notify cannot truncate an answer unnoticed; treating it as plain EOF avoids
+            # spurious errors from servers that skip close_notify, and closing costs no RTT.
+            stream = trio.SSLStream(
+                tcp, self._ssl_context, server_hostname=spec.auth_name, https_compatible=True
+            )
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(tcp)
+                raise _handshake_error(spec, exc) from exc
+            except BaseException:
+                await trio.aclose_forcefully(tcp)
+                raise
+            return stream
+        raise UpstreamConnectError(
+            f"{spec.label}: no TLS connection within {self._connect_timeout:g} s"
+        )
+
+    async def _read_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+        decoder = FrameDecoder()
+        label = self.spec.label
+        while True:
+            try:
+                data = await stream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.retire(UpstreamClosed(f"{label}: connection broke: {exc.__cause__ or exc}"))
+                return
+            if not data:
+                self.retire(UpstreamClosed(f"{label}: closed by the upstream"))
+                return
+            self._received_at = trio.current_time()
+            try:
+                decoder.feed(data)
+            except WireError as exc:
+                self.retire(UpstreamProtocolError(f"{label}: {exc}"))
+                return
+            while (message := decoder.next_message()) is not NEED_DATA:
+                if not self._dispatch(message):
+                    self.retire(UpstreamProtocolError(f"{label}: sent a message that is not DNS"))
+                    return
+
+    def _dispatch(self, answer: bytes) -> bool:
+        """Hand an answer to the query waiting for it; False if the upstream talks nonsense."""
+        if len(answer) < HEADER_SIZE:
+            return False
+        wire_id = message_id(answer)
+        pending = self._pending.get(wire_id)
+        if pending is None:
+            log.debug("%s: dropped an answer with unknown ID %d", self.spec.label, wire_id)
+            return True
+        if pending.abandoned:
+            del self._pending[wire_id]
+        elif answer_question_key(answer) != pending.key:
+            # RFC 7858 §3.3 / RFC 5452: an answer must match the question too; never pass on
+            # one that does not. The query waits on for the right one.
+            log.debug("%s: dropped an answer for another question", self.spec.label)
+            return True
+        else:
+            del self._pending[wire_id]
+            pending.answer = answer
+            pending.event.set()
+        if len(self._pending) == self._max_pipeline - 1:
+            self._on_room()
+        return True
+
+    async def _write_loop(self, writer: BatchWriter) -> None:
+        try:
+            await writer.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.retire(UpstreamClosed(f"{self.spec.label}: write failed: {exc.__cause__ or exc}"))
+
+    async def _watchdog(self) -> None:
+        # One task per connection, waking a few times a second, instead of a cancel scope per
+        # query: a connection with queries outstanding that has received nothing at all for
+        # stall_timeout is dead (a NAT dropped it, the server hangs) and is retired, so its
+        # queries are retried elsewhere well within their deadline. An idle one is closed.
+        tick = min(self._stall_timeout, self._idle_timeout) / 4
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if self._pending:
+                quiet_since = max(self._received_at, self._busy_since)
+                if now - quiet_since >= self._stall_timeout:
+                    self.retire(
+                        UpstreamClosed(
+                            f"{self.spec.label}: no answer for {self._stall_timeout:g} s; "
+                            "connection retired"
+                        )
+                    )
+                    return
+            elif now - max(self._busy_since, self._received_at) >= self._idle_timeout:
+                log.debug("%s: closing idle connection", self.spec.label)
+                self.retire(UpstreamClosed(f"{self.spec.label}: closed when idle"))
+                return
+
+
+def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> UpstreamError:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return UpstreamTLSError(
+            f"{spec.label}: certificate not trusted for {spec.auth_name!r}: {cause.verify_message}"
+        )
+    if isinstance(cause, ssl.SSLError):
+        return UpstreamTLSError(f"{spec.label}: TLS handshake failed: {cause.reason or cause}")
+    return UpstreamConnectError(f"{spec.label}: connection lost during the TLS handshake")
+
+
+def _quickack_hook(stream: trio.SSLStream[trio.SocketStream]) -> Callable[[], None] | None:
+    # Linux delays ACKs; a TLS 1.3 server that sends its session ticket first and then the
+    # answer can sit ~40 ms on our delayed ACK. TCP_QUICKACK is not sticky, so it is set
+    # again after each write.
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        return None
+    sock = stream.transport_stream.socket
+
+    def set_quickack() -> None:
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
+    return set_quickack
+
+
+class Upstream:
+    """The pool of connections to one resolver.
+
+    Resource handling: connections run in ``nursery`` (the upstreams' nursery, owned by
+    :func:`open_upstreams`), so they outlive the query that opened them and die with the server.
+    """
+
+    def __init__(
+        self,
+        spec: UpstreamSpec,
+        ssl_context: ssl.SSLContext,
+        config: Config,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.spec = spec
+        self._ssl_context = ssl_context
+        self._config = config
+        self._nursery = nursery
+        self._connections: list[Connection] = []
+        self._room = trio.lowlevel.ParkingLot()
+        self._reuse = config.reuse
+        self._max_connections = config.max_connections
+
+    @property
+    def connections(self) -> Sequence[Connection]:
+        """The connections open or opening now."""
+        return tuple(self._connections)
+
+    async def query(self, message: bytes, key: bytes) -> bytes:
+        """Resolve one query over this upstream; the answer carries an arbitrary ID.
+
+        Error handling: raises an :class:`UpstreamError` subclass. A connection that dies with
+        the query in flight costs one retry on another connection (RFC 7858 §3.4).
+        """
+        if not self._reuse:
+            return await self._query_on_own_connection(message, key)
+        try:
+            return await (await self._checkout()).exchange(message, key)
+        except UpstreamClosed:
+            return await (await self._checkout()).exchange(message, key)
+
+    async def _checkout(self) -> Connection:
+        while True:
+            for connection in self._connections:
+                if connection.has_room:
+                    break
+            else:
+                if len(self._connections) >= self._max_connections:
+                    await self._room.park()
+                    continue
+                connection = self._open()
+            if not connection.ready.is_set():
+                # Everyone who wants a connection while one is opening waits for that one:
+                # one handshake, not a thundering herd.
+                await connection.ready.wait()
+            if connection.closed:
+                raise connection.error or UpstreamClosed(f"{self.spec.label}: closed")
+            if connection.has_room:
+                return connection
+
+    def _open(self) -> Connection:
+        connection = Connection(
+            self.spec,
+            self._ssl_context,
+            self._config,
+            on_room=self._wake_waiters,
+            on_closed=self._forget,
+        )
+        self._connections.append(connection)
+        self._nursery.start_soon(connection.run)
+        return connection
+
+    def _wake_waiters(self) -> None:
+        self._room.unpark_all()
+
+    def _forget(self, connection: Connection) -> None:
+        if connection in self._connections:
+            self._connections.remove(connection)
+        self._room.unpark_all()
+
+    async def _query_on_own_connection(self, message: bytes, key: bytes) -> bytes:
+        # The original design, kept for comparison in the benchmark: one connection per query.
+        connection = Connection(
+            self.spec, self._ssl_context, self._config, on_room=_nothing, on_closed=_nothing
+        )
+        self._nursery.start_soon(connection.run)
+        try:
+            await connection.ready.wait()
+            if connection.closed:
+                raise connection.error or UpstreamClosed(f"{self.spec.label}: closed")
+            return await connection.exchange(message, key)
+        finally:
+            connection.retire(UpstreamClosed("query done"))
+
+
+def _nothing(*_args: object) -> None:
+    return None
+
+
+@asynccontextmanager
+async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
+    """Open a pool per configured upstream; all their connections close on exit.
+
+    Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
+    """
+    ssl_context = make_ssl_context(ca_file=config.ca_file)
+    async with trio.open_nursery() as nursery:
+        try:
+            yield [Upstream(spec, ssl_context, config, nursery) for spec in config.upstreams]
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,376 @@
+"""DNS wire format, sans-I/O: bytes in, values or bytes out.
+
+Only what a forwarder needs: read a query's header, question and EDNS OPT record; match an
+answer to its query; rewrite IDs; build error answers; truncate for UDP; and split a TCP/TLS
+byte stream into length-prefixed messages. Nothing here imports trio, touches a socket or reads
+the clock, so every function is tested directly (tests/test_wire*.py, dnspython as the oracle).
+
+Messages are handled as ``bytes`` and parsed only as deep as needed: a forwarder passes answers
+through untouched, so walking every record of every answer would be wasted work on the hot path.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from dot_proxy.errors import WireError
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_MESSAGE_SIZE",
+    "NEED_DATA",
+    "FrameDecoder",
+    "NeedData",
+    "Query",
+    "Rcode",
+    "answer_question_key",
+    "error_reply",
+    "frame",
+    "message_id",
+    "parse_query",
+    "replace_id",
+    "truncate_for_udp",
+]
+
+HEADER_SIZE: Final = 12
+MAX_MESSAGE_SIZE: Final = 65535
+# RFC 1035 §4.2.1: without EDNS a UDP answer is at most 512 bytes.
+CLASSIC_UDP_LIMIT: Final = 512
+# The payload size we advertise in OPT records we make ourselves (DNS flag day 2020).
+OUR_UDP_PAYLOAD: Final = 1232
+
+TYPE_OPT: Final = 41
+MAX_NAME_LENGTH: Final = 255
+
+# Header flag bits (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD/CD).
+FLAG_QR: Final = 0x8000
+FLAG_AA: Final = 0x0400
+FLAG_TC: Final = 0x0200
+FLAG_RD: Final = 0x0100
+FLAG_RA: Final = 0x0080
+FLAG_CD: Final = 0x0010
+OPCODE_MASK: Final = 0x7800
+RCODE_MASK: Final = 0x000F
+# EDNS flags live in the OPT record's TTL field (RFC 6891 §6.1.3); DO is the top bit.
+EDNS_DO: Final = 0x8000
+
+_HEADER = struct.Struct("!HHHHHH")
+_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+
+
+class Rcode(enum.IntEnum):
+    """Response codes this proxy produces itself (RFC 1035 §4.1.1)."""
+
+    NOERROR = 0
+    FORMERR = 1
+    SERVFAIL = 2
+    NXDOMAIN = 3
+    NOTIMP = 4
+    REFUSED = 5
+
+
+class NeedData(enum.Enum):
+    """The type of :data:`NEED_DATA`."""
+
+    NEED_DATA = enum.auto()
+
+
+#: Returned by :meth:`FrameDecoder.next_message` when no complete message is buffered.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What the proxy needs to know about a client's query.
+
+    ``question`` is the question section as the client sent it (name, type, class) and
+    ``question_key`` the same with the name lower-cased, for matching answers (RFC 4343: names
+    compare case-insensitively). ``udp_limit`` is the largest UDP answer the client accepts.
+    ``opt`` is the client's OPT record verbatim, or ``None`` when it sent none.
+    """
+
+    id: int
+    flags: int
+    question: bytes
+    question_key: bytes
+    udp_limit: int
+    opt: bytes | None
+
+    @property
+    def dnssec_ok(self) -> bool:
+        """Whether the client set the EDNS DO bit."""
+        return self.opt is not None and bool(_opt_flags(self.opt) & EDNS_DO)
+
+
+def parse_query(data: bytes) -> Query:
+    """Validate a client's query and return what the proxy needs of it.
+
+    Error handling: raises :class:`WireError` whose ``rcode`` says how to answer: FORMERR for a
+    malformed query or an unsolicited response, NOTIMP for an opcode other than QUERY, and
+    ``None`` (drop silently) when not even the header is readable or the message is itself an
+    error response (answering those invites two servers to bounce errors at each other).
+    """
+    if len(data) < HEADER_SIZE:
+        raise WireError("shorter than a DNS header", rcode=None)
+    msg_id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    if flags & FLAG_QR:
+        if flags & RCODE_MASK:
+            raise WireError("error response received as a query", rcode=None)
+        raise WireError("response received as a query", rcode=Rcode.FORMERR)
+    if flags & OPCODE_MASK:
+        raise WireError("opcode is not QUERY", rcode=Rcode.NOTIMP)
+    if qdcount != 1:
+        raise WireError(f"{qdcount} questions, expected 1", rcode=Rcode.FORMERR)
+    question_end = _question_end(data, HEADER_SIZE)
+    question = data[HEADER_SIZE:question_end]
+    name_end = question_end - 4
+    question_key = question[: name_end - HEADER_SIZE].lower() + data[name_end:question_end]
+    offset = question_end
+    for _ in range(ancount + nscount):
+        offset = _skip_rr(data, offset)
+    opt: bytes | None = None
+    for _ in range(arcount):
+        rr_start = offset
+        offset = _skip_rr(data, offset)
+        if _rr_type(data, rr_start) == TYPE_OPT:
+            # RFC 6891 §6.1.1: one OPT record at most, and its owner is the root.
+            if opt is not None:
+                raise WireError("more than one OPT record", rcode=Rcode.FORMERR)
+            if data[rr_start] != 0:
+                raise WireError("OPT record not owned by the root", rcode=Rcode.FORMERR)
+            opt = data[rr_start:offset]
+    udp_limit = CLASSIC_UDP_LIMIT if opt is None else max(CLASSIC_UDP_LIMIT, _opt_payload(opt))
+    return Query(msg_id, flags, question, question_key, udp_limit, opt)
+
+
+def error_reply(query: bytes | Query, rcode: int) -> bytes | None:
+    """Build the answer with ``rcode`` that the proxy itself gives to a query.
+
+    Takes the parsed query or, for a query that failed to parse, its raw bytes; then the
+    question is echoed when it can be read and left out otherwise. Returns ``None`` when the
+    raw bytes are shorter than a header (there is nothing to reply to). The answer sets RA
+    (we are a recursive service), copies RD and CD, and carries an OPT record when the
+    client sent one (RFC 6891 §7: a responder that understands EDNS includes OPT).
+    """
+    if isinstance(query, Query):
+        return _error_message(query.id, query.flags, rcode, query.question, query.opt)
+    if len(query) < HEADER_SIZE:
+        return None
+    msg_id, flags, qdcount, *_ = _HEADER.unpack_from(query)
+    question = b""
+    if qdcount == 1:
+        try:
+            question = query[HEADER_SIZE : _question_end(query, HEADER_SIZE)]
+        except WireError:
+            question = b""
+    return _error_message(msg_id, flags, rcode, question, None)
+
+
+def _error_message(
+    msg_id: int, query_flags: int, rcode: int, question: bytes, client_opt: bytes | None
+) -> bytes:
+    flags = FLAG_QR | FLAG_RA | (query_flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)) | rcode
+    arcount = 0 if client_opt is None else 1
+    header = _HEADER.pack(msg_id, flags, 1 if question else 0, 0, 0, arcount)
+    if client_opt is None:
+        return header + question
+    do_bit = _opt_flags(client_opt) & EDNS_DO
+    opt = b"\x00" + _RR_FIXED.pack(TYPE_OPT, OUR_UDP_PAYLOAD, do_bit, 0)
+    return header + question + opt
+
+
+def message_id(message: bytes) -> int:
+    """The 16-bit ID of a message at least two bytes long."""
+    return (message[0] << 8) | message[1]
+
+
+def replace_id(message: bytes, new_id: int) -> bytes:
+    """The same message with its ID set to ``new_id``."""
+    return new_id.to_bytes(2, "big") + message[2:]
+
+
+def answer_question_key(answer: bytes) -> bytes | None:
+    """The matching key of an answer's question, or ``None`` if it is no usable answer.
+
+    ``None`` when the message is not a response (QR clear), does not carry exactly one
+    question, or the question cannot be read: RFC 7858 §3.3 matches by ID *and* question, and an
+    answer that cannot be matched must be discarded, never passed on.
+    """
+    if len(answer) < HEADER_SIZE:
+        return None
+    _, flags, qdcount, *_ = _HEADER.unpack_from(answer)
+    if not flags & FLAG_QR or qdcount != 1:
+        return None
+    try:
+        end = _question_end(answer, HEADER_SIZE)
+    except WireError:
+        return None
+    return answer[HEADER_SIZE : end - 4].lower() + answer[end - 4 : end]
+
+
+def truncate_for_udp(answer: bytes, limit: int) -> bytes:
+    """Fit an answer into a UDP payload of ``limit`` bytes.
+
+    An answer that fits is returned as it is. One that does not becomes its header and question
+    with TC set and no records but the OPT record (RFC 1035 §4.2.1, RFC 2181 §9: the client
+    retries over TCP; RFC 6891 §7: keep OPT so the client still sees EDNS). The cut is at a
+    section boundary, never mid-record, so a client never gets a partial RRset.
+    """
+    if len(answer) <= limit:
+        return answer
+    msg_id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(answer)
+    offset = HEADER_SIZE
+    try:
+        for _ in range(qdcount):
+            offset = _question_end(answer, offset)
+        question_end = offset
+        opt = _find_opt(answer, offset, ancount + nscount, arcount)
+    except WireError:
+        # An answer we cannot walk still gets a well-formed TC reply with no records.
+        return _HEADER.pack(msg_id, flags | FLAG_TC, 0, 0, 0, 0)
+    question = answer[HEADER_SIZE:question_end]
+    if opt is not None and len(opt) > 11 and HEADER_SIZE + len(question) + len(opt) > limit:
+        opt = opt[:9] + b"\x00\x00"  # keep the OPT record, drop its options
+    header = _HEADER.pack(msg_id, flags | FLAG_TC, qdcount, 0, 0, 0 if opt is None else 1)
+    return header + question + (opt or b"")
+
+
+def frame(message: bytes) -> bytes:
+    """Prefix a message with its two-byte length, for TCP and TLS (RFC 1035 §4.2.2)."""
+    if len(message) > MAX_MESSAGE_SIZE:
+        raise WireError("message longer than 65,535 bytes", rcode=None)
+    return len(message).to_bytes(2, "big") + message
+
+
+class FrameDecoder:
+    """Split a byte stream into length-prefixed DNS messages (RFC 1035 §4.2.2, RFC 7858 §3.3).
+
+    Feed it whatever arrives with :meth:`feed`, then call :meth:`next_message` until it returns
+    :data:`NEED_DATA`. It never holds more than ``max_buffer`` bytes: a peer that sends faster
+    than the owner drains is an error, not a memory leak.
+    """
+
+    __slots__ = ("_buffer", "_max_buffer", "_start")
+
+    def __init__(self, *, max_buffer: int = 4 * (MAX_MESSAGE_SIZE + 2)) -> None:
+        if max_buffer < MAX_MESSAGE_SIZE + 2:
+            raise ValueError("max_buffer must hold at least one whole message")
+        self._buffer = bytearray()
+        self._start = 0
+        self._max_buffer = max_buffer
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a message."""
+        return len(self._buffer) - self._start
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Add received bytes.
+
+        Error handling: raises :class:`WireError` (rcode ``None``) if more than ``max_buffer``
+        bytes would then be waiting.
+        """
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        if len(self._buffer) + len(data) > self._max_buffer:
+            raise WireError("peer sent more than the frame buffer holds", rcode=None)
+        self._buffer += data
+
+    def next_message(self) -> bytes | NeedData:
+        """The next whole message, or :data:`NEED_DATA`. A zero-length frame gives ``b""``."""
+        buffer, start = self._buffer, self._start
+        available = len(buffer) - start
+        if available < 2:
+            return NEED_DATA
+        size = (buffer[start] << 8) | buffer[start + 1]
+        if available < size + 2:
+            return NEED_DATA
+        end = start + 2 + size
+        message = bytes(buffer[start + 2 : end])
+        if end == len(buffer):
+            buffer.clear()
+            self._start = 0
+        else:
+            self._start = end
+        return message
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a message has arrived and the rest has not."""
+        return self.buffered > 0
+
+
+# --- walking names and records -------------------------------------------------------------
+
+
+def _name_end(data: bytes, offset: int, *, allow_pointer: bool = True) -> int:
+    """Offset just past the (possibly compressed) name starting at ``offset``."""
+    length = 0
+    end = len(data)
+    while True:
+        if offset >= end:
+            raise WireError("name runs past the end of the message", rcode=Rcode.FORMERR)
+        label = data[offset]
+        if label == 0:
+            return offset + 1
+        if label >= 0xC0:
+            if not allow_pointer:
+                raise WireError("compression pointer in a question", rcode=Rcode.FORMERR)
+            if offset + 2 > end:
+                raise WireError("pointer runs past the end", rcode=Rcode.FORMERR)
+            return offset + 2
+        if label > 63:
+            raise WireError("unknown label type", rcode=Rcode.FORMERR)
+        length += label + 1
+        if length + 1 > MAX_NAME_LENGTH:
+            raise WireError("name longer than 255 bytes", rcode=Rcode.FORMERR)
+        offset += label + 1
+
+
+def _question_end(data: bytes, offset: int) -> int:
+    # A question's name is the first in a message: there is nothing before it to point to.
+    end = _name_end(data, offset, allow_pointer=offset != HEADER_SIZE) + 4
+    if end > len(data):
+        raise WireError("question runs past the end of the message", rcode=Rcode.FORMERR)
+    return end
+
+
+def _skip_rr(data: bytes, offset: int) -> int:
+    fixed = _name_end(data, offset)
+    if fixed + 10 > len(data):
+        raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
+    rdlength = (data[fixed + 8] << 8) | data[fixed + 9]
+    end = fixed + 10 + rdlength
+    if end > len(data):
+        raise WireError("record data runs past the end of the message", rcode=Rcode.FORMERR)
+    return end
+
+
+def _rr_type(data: bytes, rr_start: int) -> int:
+    fixed = _name_end(data, rr_start)
+    return (data[fixed] << 8) | data[fixed + 1]
+
+
+def _find_opt(data: bytes, offset: int, skip: int, arcount: int) -> bytes | None:
+    for _ in range(skip):
+        offset = _skip_rr(data, offset)
+    for _ in range(arcount):
+        start = offset
+        offset = _skip_rr(data, offset)
+        if _rr_type(data, start) == TYPE_OPT and data[start] == 0:
+            return data[start:offset]
+    return None
+
+
+def _opt_payload(opt: bytes) -> int:
+    # OPT's owner is the root name (one zero byte); CLASS holds the UDP payload size.
+    return (opt[3] << 8) | opt[4]
+
+
+def _opt_flags(opt: bytes) -> int:
+    # TTL = extended RCODE (8 bits), version (8 bits), flags (16 bits).
+    return (opt[7] << 8) | opt[8]
