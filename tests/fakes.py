@@ -53,7 +53,7 @@ class UpstreamConnection:
                 return None
             if not data:
                 return None
-            self.upstream.received_bytes.append(data)
+            self.upstream.received_bytes.append(bytes(data))
             self.decoder.feed(data)
 
     async def send(self, message: bytes) -> None:

@@ -10,10 +10,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-import realdns
+from tests import realdns
 
 
-def require_tools(*names: str) -> None:
+def _require_tools(*names: str) -> None:
     """Skip the test when a program is missing; fail instead on CI, where it must be there."""
     missing = realdns.missing_tools(*names)
     if not missing:
@@ -22,6 +22,12 @@ def require_tools(*names: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture
+def require_tools() -> Callable[..., None]:
+    """``require_tools("stubby", ...)``: skip (or on CI fail) unless those programs exist."""
+    return _require_tools
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +44,7 @@ def unbound(
 
     Session-scoped: a test that stops or kills it (``unbound.process``) must use its own.
     """
-    require_tools("unbound")
+    _require_tools("unbound")
     with realdns.Unbound(pki, workdir=tmp_path_factory.mktemp("unbound")) as server:
         yield server
 

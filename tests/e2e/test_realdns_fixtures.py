@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dns.flags
@@ -13,9 +14,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-import realdns
-
-from .conftest import require_tools
+from tests import realdns
 
 # dnspython's default EDNS payload and the DNS Flag Day 2020 size: big.test must exceed it.
 EDNS_SAFE_SIZE = 1232
@@ -102,6 +101,7 @@ def test_peer_forwards_to_unbound(
     unbound: realdns.Unbound,
     pki: realdns.Pki,
     tmp_path: Path,
+    require_tools: Callable[..., None],
 ) -> None:
     require_tools(peer.name)
     with peer(pki, unbound.tls_port, workdir=tmp_path) as server:
@@ -174,7 +174,9 @@ def test_parse_dnsperf_reads_the_query_summary_not_the_connection_one() -> None:
 
 
 @pytest.mark.e2e
-def test_dnsperf_runs_against_unbound(unbound: realdns.Unbound, tmp_path: Path) -> None:
+def test_dnsperf_runs_against_unbound(
+    unbound: realdns.Unbound, tmp_path: Path, require_tools: Callable[..., None]
+) -> None:
     require_tools("dnsperf")
     queries = realdns.write_queries(tmp_path / "q.txt", count=100)
 
