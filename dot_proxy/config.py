@@ -88,8 +88,13 @@ class Config:
 
     @property
     def stall_timeout(self) -> float:
-        """Silence, with queries outstanding, after which an upstream connection is dead."""
-        return min(1.0, self.timeout / 4)
+        """Silence, with queries outstanding, after which an upstream connection is dead.
+
+        The whole query deadline: a resolver may take seconds on a cold name, and an answer
+        that arrives within the deadline must reach the client. Retiring a quiet connection
+        sooner turned such answers into SERVFAIL (a query and its one retry each cut short).
+        """
+        return self.timeout
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import trio
 
-__all__ = ["BatchWriter"]
+__all__ = ["BatchWriter", "SocketWriter"]
 
 
 class BatchWriter:
@@ -21,7 +22,7 @@ class BatchWriter:
     raised; either way the owner closes the stream.
     """
 
-    __slots__ = ("_after_send", "_closing", "_lot", "_queue", "_stream")
+    __slots__ = ("_after_send", "_closing", "_lot", "_queue", "_stream", "messages", "sends")
 
     def __init__(
         self, stream: trio.abc.SendStream, *, after_send: Callable[[], None] | None = None
@@ -31,6 +32,8 @@ class BatchWriter:
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._after_send = after_send
+        self.messages = 0  # queued so far
+        self.sends = 0  # send_all calls so far; messages / sends is the batching gained
 
     @property
     def pending_bytes(self) -> int:
@@ -40,6 +43,7 @@ class BatchWriter:
     def write_nowait(self, data: bytes) -> None:
         """Queue ``data``; it is sent after everything queued before it."""
         self._queue.append(data)
+        self.messages += 1
         if len(self._queue) == 1:
             self._lot.unpark()
 
@@ -59,6 +63,81 @@ class BatchWriter:
                 continue
             batch = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()
+            self.sends += 1
             await self._stream.send_all(batch)
             if self._after_send is not None:
                 self._after_send()
+
+
+class SocketWriter:
+    """Write DNS frames to a non-blocking stdlib socket: at once if the kernel takes them.
+
+    A client connection's answers are written from the task that produced them, in one
+    ``send`` call with no await, so they cannot interleave and cost no wake-up of another
+    task. Only when the kernel's buffer is full does the rest queue for :meth:`run`, which
+    waits for the socket to become writable; later writes queue behind it to keep order.
+
+    Resource handling: :meth:`run` lives in the connection's nursery and returns after
+    :meth:`close` once everything is sent; it raises ``trio.BrokenResourceError`` when the peer
+    is gone. The owner closes the socket.
+    """
+
+    __slots__ = ("_blocked", "_broken", "_closing", "_lot", "_queue", "_sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._queue: list[bytes] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._blocked = False
+        self._broken: OSError | None = None
+        self._closing = False
+
+    def write_nowait(self, data: bytes) -> None:
+        """Send ``data`` now if possible, else queue it behind what is already waiting."""
+        if self._broken is not None:
+            return
+        if not self._queue and not self._blocked:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._broken = exc
+                self._lot.unpark()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._queue.append(data)
+        if len(self._queue) == 1:
+            self._lot.unpark()
+
+    def close(self) -> None:
+        """Let :meth:`run` return once everything queued so far is sent."""
+        self._closing = True
+        self._lot.unpark()
+
+    async def run(self) -> None:
+        """Send whatever the kernel would not take at once, in order, until closed."""
+        queue = self._queue
+        while True:
+            if self._broken is not None:
+                raise trio.BrokenResourceError(str(self._broken)) from self._broken
+            if not queue:
+                if self._closing:
+                    return
+                await self._lot.park()
+                continue
+            self._blocked = True
+            data = b"".join(queue)
+            queue.clear()
+            while data:
+                await trio.lowlevel.wait_writable(self._sock)
+                try:
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                data = data[sent:]
+            self._blocked = False

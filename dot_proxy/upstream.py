@@ -193,6 +193,14 @@ class Connection:
                     nursery.start_soon(self._watchdog)
         finally:
             self.retire(UpstreamClosed(f"{self.spec.label}: connection closed"))
+            if self._writer is not None:
+                log.debug(
+                    "%s: connection closed (%s) after %d queries in %d writes",
+                    self.spec.label,
+                    self.error,
+                    self._writer.messages,
+                    self._writer.sends,
+                )
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 

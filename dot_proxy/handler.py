@@ -1,0 +1,66 @@
+"""One query's path from client bytes to answer bytes, under one deadline; no sockets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from dot_proxy.config import Config
+from dot_proxy.errors import UpstreamError, WireError
+from dot_proxy.resolver import Resolver
+from dot_proxy.wire import Rcode, error_reply, parse_query, replace_id, truncate_for_udp
+
+__all__ = ["QueryHandler", "ServerStats"]
+
+log = logging.getLogger("dot_proxy.server")
+
+
+@dataclass(slots=True)
+class ServerStats:
+    """Counters of what the server did not pass on (read them; the server only adds)."""
+
+    malformed: int = 0
+    dropped_busy: int = 0
+    servfail: int = 0
+    timeouts: int = 0
+    errors: int = 0
+
+
+class QueryHandler:
+    """Turns one query's bytes into the bytes to answer with, under one deadline."""
+
+    def __init__(self, resolver: Resolver, config: Config, stats: ServerStats) -> None:
+        self._resolver = resolver
+        self._timeout = config.timeout
+        self._stats = stats
+
+    async def answer(self, data: bytes, *, udp: bool) -> bytes | None:
+        """The answer to send back, or ``None`` to send nothing.
+
+        Error handling: never raises but Cancelled. Malformed → FORMERR/NOTIMP or nothing;
+        upstream failure or timeout → SERVFAIL; a bug → SERVFAIL, logged with its traceback.
+        """
+        try:
+            query = parse_query(data)
+        except WireError as exc:
+            self._stats.malformed += 1
+            log.debug("malformed query: %s", exc)
+            return None if exc.rcode is None else error_reply(data, exc.rcode)
+        try:
+            # RFC 7858 / design: one deadline covers pool checkout, connect, handshake, send
+            # and receive, retries and failover included.
+            with trio.move_on_after(self._timeout):
+                answer = await self._resolver.resolve(data, query.question_key)
+                answer = replace_id(answer, query.id)
+                return truncate_for_udp(answer, query.udp_limit) if udp else answer
+            self._stats.timeouts += 1
+            log.debug("no answer within %g s", self._timeout)
+        except UpstreamError as exc:
+            log.debug("upstream failed: %s", exc)
+        except Exception:
+            self._stats.errors += 1
+            log.exception("failed to answer a query")
+        self._stats.servfail += 1
+        return error_reply(query, Rcode.SERVFAIL)

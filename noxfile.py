@@ -1,0 +1,41 @@
+"""Sessions: ``nox`` runs the default ones (tests, lint); ``nox -l`` lists them all."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite: pure, in-process and end to end (unbound, kdig, dig).
+
+    End-to-end tests skip when a tool is missing, except under CI=true, where they fail.
+    Arguments after -- go to pytest, e.g. `nox -s tests -- -k truncat`.
+    """
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format check) and mypy --strict on the package."""
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "--strict", "dot_proxy")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Throughput and latency against stubby, dnsdist and unbound with dnsperf (minutes).
+
+    Installs the Debian tools when run as root. Writes docs/benchmarks.md and a chart.
+    Arguments after -- go to bench/run_bench.py, e.g. `nox -s bench -- --seconds 5`.
+    """
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.run("python", "bench/run_bench.py", *session.posargs)
