@@ -94,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="open a new TLS connection for every query (slow; for comparison only)",
     )
+    add(
+        "--upstream-policy",
+        metavar="POLICY",
+        help="with several upstreams: failover (in order; default), round-robin, or fastest",
+    )
+    add(
+        "--hedge-after",
+        metavar="SECONDS|auto|off",
+        help="also ask the next upstream when the first has not answered after this long "
+        "(default: auto, the upstream's own recent p95 latency, at least 0.1 s)",
+    )
     return parser
 
 
@@ -130,6 +141,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             "upstream_idle_timeout", float, defaults.upstream_idle_timeout
         ),
         max_in_flight=value.one("max_in_flight", int, defaults.max_in_flight),
+        upstream_policy=value.one("upstream_policy", str.lower, defaults.upstream_policy),
+        hedge_after=value.one("hedge_after", _hedge_after, defaults.hedge_after),
     )
 
 
@@ -167,6 +180,15 @@ class _Lookup:
             return [item for item in (part.strip() for part in raw.split(",")) if item]
         assert isinstance(raw, list)
         return [str(item) for item in raw]
+
+
+def _hedge_after(text: str) -> float | None:
+    lowered = text.strip().lower()
+    if lowered == "auto":
+        return None
+    if lowered == "off":
+        return 0.0
+    return float(lowered)
 
 
 def _boolean(text: str) -> bool:

@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 DOT_PORT = 853
+UPSTREAM_POLICIES = ("failover", "round-robin", "fastest")
 DEFAULT_UPSTREAMS = ("1.1.1.1:853#cloudflare-dns.com", "1.0.0.1:853#cloudflare-dns.com")
 # RFC 1123 §2.1 host names; a trailing dot is allowed and dropped.
 _HOSTNAME = re.compile(
@@ -66,6 +67,10 @@ class Config:
     max_pipeline: int = 128
     upstream_idle_timeout: float = 10.0
     max_in_flight: int = 2000
+    # Several upstreams: "failover", "round-robin" or "fastest"; hedge after a fixed number
+    # of seconds, after the upstream's own p95 latency (None), or never (0).
+    upstream_policy: str = "failover"
+    hedge_after: float | None = None
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -80,6 +85,15 @@ class Config:
         # RFC 7766 §6.2.1: IDs must be unique among a connection's in-flight queries.
         _check_range("--max-pipeline", self.max_pipeline, 1, 65535)
         _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
+        if self.upstream_policy not in UPSTREAM_POLICIES:
+            raise ConfigError(
+                f"--upstream-policy: {self.upstream_policy!r} is not one of "
+                + ", ".join(UPSTREAM_POLICIES)
+            )
+        if self.hedge_after is not None and not 0 <= self.hedge_after < self.timeout:
+            raise ConfigError(
+                f"--hedge-after: {self.hedge_after} must be 0 (off) or less than --timeout"
+            )
 
     @property
     def connect_timeout(self) -> float:

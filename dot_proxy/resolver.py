@@ -1,46 +1,271 @@
-"""Per-query policy, no sockets: which upstream answers, and what counts as an answer."""
+"""Per-query policy, no sockets: which upstreams to ask, when to hedge, what counts as an answer.
+
+The query's task asks upstreams one after another (failover); a background hedger asks the
+next upstream too when the first is slower than its own recent p95, and the first valid answer
+wins. Health (:mod:`dot_proxy.health`) orders the upstreams and a background prober brings a
+down one back, so client queries are not spent finding out whether it recovered.
+"""
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Sequence
+import random
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
+import trio
+
+from dot_proxy.config import Config
 from dot_proxy.errors import UpstreamError
-from dot_proxy.upstream import Upstream
+from dot_proxy.health import Health, Policy, order_upstreams
+from dot_proxy.upstream import Race, RaceLost, Upstream, open_upstreams
+from dot_proxy.wire import Rcode
 
-__all__ = ["Resolver"]
+__all__ = ["Resolver", "open_resolver"]
 
 log = logging.getLogger(__name__)
 
+# An answer with these codes says the upstream could not resolve the name right now; another
+# upstream may (dnsproxy #257). If every upstream says so, the last such answer is passed on.
+SOFT_FAILURES = frozenset({Rcode.SERVFAIL, Rcode.REFUSED})
+HEDGE_FLOOR = 0.1
+PROBE_INTERVAL = 0.5
+_HEDGER_TICK = 0.02
+# ". IN NS" with RD set: any DNS answer to it, even REFUSED, shows the upstream is alive.
+PROBE_QUERY = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x02\x00\x01"
+PROBE_KEY = b"\x00\x00\x02\x00\x01"
+
+
+class _Attempts(Race):
+    """One query's race across upstreams, shared by its task and any hedge task."""
+
+    __slots__ = (
+        "claimed",
+        "deadline",
+        "error",
+        "fallback",
+        "finished",
+        "hedge_scope",
+        "key",
+        "message",
+        "order",
+        "running",
+    )
+
+    def __init__(self, message: bytes, key: bytes, order: list[int], deadline: float) -> None:
+        super().__init__()
+        self.message = message
+        self.key = key
+        self.order = order
+        self.deadline = deadline  # the query task's, which a hedge task must keep too
+        self.claimed = 0
+        self.running = 0
+        self.fallback: bytes | None = None
+        self.error: UpstreamError | None = None
+        self.finished = False
+        self.hedge_scope: trio.CancelScope | None = None
+
+    def claim(self) -> int | None:
+        """The next upstream nobody has asked yet, or None."""
+        if self.claimed >= len(self.order):
+            return None
+        self.claimed += 1
+        return self.order[self.claimed - 1]
+
 
 class Resolver:
-    """Send a query to the upstreams in order until one answers.
+    """Answers queries from the upstreams, keeping their health.
 
-    The deadline is the caller's cancel scope: the resolver only decides where to ask next.
+    Resource handling: the hedger and prober tasks run in ``nursery`` (see
+    :func:`open_resolver`); per-query state lives in the query's task.
     """
 
-    def __init__(self, upstreams: Sequence[Upstream]) -> None:
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        config: Config,
+        nursery: trio.Nursery | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
         if not upstreams:
             raise ValueError("a resolver needs at least one upstream")
         self._upstreams = tuple(upstreams)
+        self.health = tuple(Health() for _ in upstreams)
+        self._policy = Policy(config.upstream_policy)
+        self._hedge_after = config.hedge_after
+        self._ceiling = config.timeout / 2
+        self._probe_deadline = config.timeout
+        self._nursery = nursery
+        self._rng = rng or random.Random()
+        self._turn = 0
+        self._hedges: list[tuple[float, int, _Attempts]] = []
+        self._hedge_lot = trio.lowlevel.ParkingLot()
+        self._hedge_count = 0
 
     @property
     def upstreams(self) -> Sequence[Upstream]:
-        """The upstreams, in the order they are tried."""
+        """The upstreams, in configured order."""
         return self._upstreams
 
     async def resolve(self, message: bytes, question_key: bytes) -> bytes:
         """The first valid answer to ``message`` from any upstream, with an arbitrary ID.
 
-        Error handling: an upstream that fails (refused, TLS failure, closed) is skipped at once
-        for the next; when all have failed, raises the last :class:`UpstreamError`.
+        Runs under the caller's deadline. Error handling: when every upstream failed, the
+        last SERVFAIL/REFUSED answer is returned if there was one, otherwise the last
+        :class:`UpstreamError` is raised.
         """
-        error: UpstreamError | None = None
-        for upstream in self._upstreams:
-            try:
-                return await upstream.query(message, question_key)
-            except UpstreamError as exc:
-                log.debug("%s", exc)
-                error = exc
-        assert error is not None
-        raise error
+        self._turn += 1
+        race = _Attempts(
+            message,
+            question_key,
+            order_upstreams(self.health, self._policy, turn=self._turn, rng=self._rng),
+            trio.current_effective_deadline(),
+        )
+        try:
+            self._watch_for_hedging(race)
+            while (index := race.claim()) is not None:
+                answer = await self._attempt(index, race)
+                if answer is not None:
+                    return answer
+            while race.answer is None and race.running:
+                await race.wait()  # a hedge is still asking the last upstreams
+        finally:
+            race.finished = True
+            if race.hedge_scope is not None:
+                race.hedge_scope.cancel()
+        if race.answer is not None:
+            return race.answer
+        if race.fallback is not None:
+            return race.fallback
+        raise race.error or UpstreamError("no upstream answered")
+
+    async def _attempt(self, index: int, race: _Attempts) -> bytes | None:
+        """Ask one upstream; the answer if it is the race's winner, else None."""
+        health = self.health[index]
+        started = trio.current_time()
+        race.running += 1
+        try:
+            answer = await self._upstreams[index].query(race.message, race.key, race)
+        except RaceLost:
+            return race.answer
+        except UpstreamError as exc:
+            log.debug("%s", exc)
+            self._failed(index, trio.current_time(), timeout=False)
+            race.error = exc
+            return None
+        except trio.Cancelled:
+            if not race.finished:  # the query's deadline, not a hedge that lost
+                self._failed(index, trio.current_time(), timeout=True)
+            raise
+        finally:
+            race.running -= 1
+            race.wake()
+        if answer[3] & 0x0F in SOFT_FAILURES:
+            health.record_soft_failure()
+            race.fallback = answer
+            return None
+        health.record_answer(trio.current_time(), trio.current_time() - started)
+        if race.answer is None:
+            race.answer = answer
+        return race.answer
+
+    def _failed(self, index: int, now: float, *, timeout: bool) -> None:
+        health = self.health[index]
+        was_down = health.down
+        health.record_failure(now, timeout=timeout)
+        if health.down and not was_down:
+            log.warning(
+                "%s is down; probing it again in %g s", self._upstreams[index].spec.label,
+                health.backoff,
+            )
+
+    # --- hedging ---------------------------------------------------------------------------
+
+    def _watch_for_hedging(self, race: _Attempts) -> None:
+        if self._nursery is None or self._hedge_after == 0 or len(race.order) < 2:
+            return
+        first = self.health[race.order[0]]
+        budget = (
+            self._hedge_after
+            if self._hedge_after is not None
+            else first.hedge_budget(floor=HEDGE_FLOOR, ceiling=self._ceiling)
+        )
+        self._hedge_count += 1
+        heapq.heappush(self._hedges, (trio.current_time() + budget, self._hedge_count, race))
+        if len(self._hedges) == 1:
+            self._hedge_lot.unpark()
+
+    async def run_hedger(self) -> None:
+        """Start a hedge for every query still unanswered when its budget runs out."""
+        assert self._nursery is not None
+        hedges = self._hedges
+        while True:
+            if not hedges:
+                await self._hedge_lot.park()
+                continue
+            now = trio.current_time()
+            while hedges and hedges[0][0] <= now:
+                race = heapq.heappop(hedges)[2]
+                if not race.finished and race.answer is None and race.claimed < len(race.order):
+                    race.hedge_scope = trio.CancelScope(deadline=race.deadline)
+                    self._nursery.start_soon(self._hedge, race, race.hedge_scope)
+            if hedges:
+                await trio.sleep_until(min(hedges[0][0], now + _HEDGER_TICK))
+
+    async def _hedge(self, race: _Attempts, scope: trio.CancelScope) -> None:
+        with scope:
+            while not race.finished and race.answer is None:
+                index = race.claim()
+                if index is None:
+                    return
+                log.debug("hedging to %s", self._upstreams[index].spec.label)
+                if await self._attempt(index, race) is not None:
+                    race.wake()
+                    return
+
+    # --- probing ---------------------------------------------------------------------------
+
+    async def run_prober(self) -> None:
+        """Probe down upstreams in the background until they answer again."""
+        assert self._nursery is not None
+        probing: set[int] = set()
+        while True:
+            now = trio.current_time()
+            for index, health in enumerate(self.health):
+                if health.probe_due(now) and index not in probing:
+                    probing.add(index)
+                    self._nursery.start_soon(self._probe, index, probing)
+            await trio.sleep(PROBE_INTERVAL)
+
+    async def _probe(self, index: int, probing: set[int]) -> None:
+        upstream, health = self._upstreams[index], self.health[index]
+        started = trio.current_time()
+        try:
+            with trio.move_on_after(self._probe_deadline):
+                await upstream.query(PROBE_QUERY, PROBE_KEY)
+                health.record_answer(trio.current_time(), trio.current_time() - started)
+                log.warning("%s answers again", upstream.spec.label)
+                return
+            health.record_failure(trio.current_time())
+        except UpstreamError as exc:
+            log.debug("probe: %s", exc)
+            health.record_failure(trio.current_time())
+        finally:
+            probing.discard(index)
+
+
+@asynccontextmanager
+async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
+    """Open the upstream pools and a resolver over them, with its background tasks."""
+    async with open_upstreams(config) as upstreams, trio.open_nursery() as nursery:
+        resolver = Resolver(upstreams, config, nursery)
+        nursery.start_soon(resolver.run_hedger)
+        nursery.start_soon(resolver.run_prober)
+        try:
+            yield resolver
+        finally:
+            nursery.cancel_scope.cancel()
+

@@ -18,8 +18,7 @@ from dot_proxy.config import Config
 from dot_proxy.errors import ConfigError
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.listeners import serve_tcp, serve_udp
-from dot_proxy.resolver import Resolver
-from dot_proxy.upstream import open_upstreams
+from dot_proxy.resolver import open_resolver
 
 __all__ = ["QueryHandler", "ServerStats", "bind_sockets", "serve"]
 
@@ -132,8 +131,8 @@ async def serve(
         sockets = bind_sockets(config)
     stats = stats if stats is not None else ServerStats()
     try:
-        async with open_upstreams(config) as upstreams:
-            handler = QueryHandler(Resolver(upstreams), config, stats)
+        async with open_resolver(config) as resolver:
+            handler = QueryHandler(resolver, config, stats)
             limiter = trio.Semaphore(config.max_in_flight)
             async with trio.open_nursery() as work:
                 async with trio.open_nursery() as listeners:

@@ -37,7 +37,7 @@ from dot_proxy.wire import (
     replace_id,
 )
 
-__all__ = ["Connection", "Upstream", "make_ssl_context", "open_upstreams"]
+__all__ = ["Connection", "Race", "RaceLost", "Upstream", "make_ssl_context", "open_upstreams"]
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,42 @@ def make_ssl_context(*, ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+class Race:
+    """The attempts at one query, possibly on several upstreams at once (hedging).
+
+    Every attempt's pending entry wakes the race's task when it completes; ``answer`` is set
+    by whichever attempt wins, and the others then give up their queries (abandoned, so the
+    connections stay healthy). A plain query is a race with one runner.
+    """
+
+    __slots__ = ("_event", "answer")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self.answer: bytes | None = None
+
+    def wake(self) -> None:
+        """Tell the waiting task that something it may care about happened."""
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Sleep until the next :meth:`wake` (callers re-check their state after it)."""
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+class RaceLost(UpstreamError):
+    """Another attempt at the same query answered first; its answer is in ``race.answer``."""
+
+
 class _Pending:
     """One query in flight on a connection, waiting for its answer."""
 
-    __slots__ = ("abandoned", "answer", "error", "event", "key")
+    __slots__ = ("abandoned", "answer", "error", "key", "race")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, race: Race) -> None:
         self.key = key
-        self.event = trio.Event()
+        self.race = race
         self.answer: bytes | None = None
         self.error: UpstreamError | None = None
         # A query whose task gave up keeps its ID reserved until the answer comes, so that a
@@ -99,6 +127,7 @@ class Connection:
         self._on_room = on_room
         self._on_closed = on_closed
         self.ready = trio.Event()
+        self._ready_races: list[Race] = []
         self.error: UpstreamError | None = None
         self.closed = False
         self._pending: dict[int, _Pending] = {}
@@ -120,34 +149,65 @@ class Connection:
         """Whether another query may be pipelined on this connection now."""
         return not self.closed and len(self._pending) < self._max_pipeline
 
-    async def exchange(self, message: bytes, key: bytes) -> bytes:
+    async def exchange(self, message: bytes, key: bytes, race: Race | None = None) -> bytes:
         """Send one query and wait for its answer; the answer carries the connection's ID.
 
         Error handling: raises :class:`UpstreamClosed` if the connection is retired before the
-        answer arrives (the query may be retried on another connection). Cancellation leaves
+        answer arrives (the query may be retried on another connection), and
+        :class:`RaceLost` if another attempt in ``race`` answered first. Cancellation leaves
         the connection healthy: the query's bytes are written by the writer task, never by the
         caller, so a cancel cannot cut a write in half.
         """
         writer = self._writer
         if writer is None or self.closed:
             raise UpstreamClosed(f"{self.spec.label}: connection is not open")
+        if race is None:
+            race = Race()
         pending_map = self._pending
         wire_id = self._free_id()
-        pending = _Pending(key)
+        pending = _Pending(key, race)
         if not pending_map:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
         writer.write_nowait(frame(replace_id(message, wire_id)))
         self.queries_sent += 1
         try:
-            await pending.event.wait()
+            return await self._answer_for(pending)
         except BaseException:
             if pending_map.get(wire_id) is pending:
                 pending.abandoned = True
             raise
-        if pending.answer is None:
-            raise pending.error or UpstreamClosed(f"{self.spec.label}: no answer")
+
+    async def _answer_for(self, pending: _Pending) -> bytes:
+        race = pending.race
+        while pending.answer is None:
+            if pending.error is not None:
+                raise pending.error
+            if race.answer is not None:
+                raise RaceLost(f"{self.spec.label}: another upstream answered first")
+            await race.wait()
         return pending.answer
+
+    async def wait_ready(self, race: Race | None) -> None:
+        """Wait until the connection is open or failed, or until ``race`` is won elsewhere.
+
+        Error handling: raises :class:`RaceLost` in the last case, so a query whose hedge
+        answered does not sit out a hanging handshake.
+        """
+        if race is None:
+            await self.ready.wait()
+            return
+        self._ready_races.append(race)
+        while not self.ready.is_set():
+            if race.answer is not None:
+                raise RaceLost(f"{self.spec.label}: another upstream answered first")
+            await race.wait()
+
+    def _set_ready(self) -> None:
+        self.ready.set()
+        races, self._ready_races = self._ready_races, []
+        for race in races:
+            race.wake()
 
     def _free_id(self) -> int:
         # RFC 7766 §6.2.1: an ID is never reused while a query with it is in flight. Counting
@@ -170,8 +230,8 @@ class Connection:
         for entry in pending.values():
             if not entry.abandoned:
                 entry.error = reason
-                entry.event.set()
-        self.ready.set()
+                entry.race.wake()
+        self._set_ready()
         self._on_closed(self)
 
     async def run(self) -> None:
@@ -186,7 +246,7 @@ class Connection:
                     self.retire(exc)
                     return
                 self._writer = BatchWriter(stream, after_send=_quickack_hook(stream))
-                self.ready.set()
+                self._set_ready()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_loop, stream)
                     nursery.start_soon(self._write_loop, self._writer)
@@ -274,7 +334,7 @@ class Connection:
         else:
             del self._pending[wire_id]
             pending.answer = answer
-            pending.event.set()
+            pending.race.wake()
         if len(self._pending) == self._max_pipeline - 1:
             self._on_room()
         return True
@@ -365,20 +425,21 @@ class Upstream:
         """The connections open or opening now."""
         return tuple(self._connections)
 
-    async def query(self, message: bytes, key: bytes) -> bytes:
+    async def query(self, message: bytes, key: bytes, race: Race | None = None) -> bytes:
         """Resolve one query over this upstream; the answer carries an arbitrary ID.
 
-        Error handling: raises an :class:`UpstreamError` subclass. A connection that dies with
-        the query in flight costs one retry on another connection (RFC 7858 §3.4).
+        Error handling: raises an :class:`UpstreamError` subclass (:class:`RaceLost` when
+        another attempt in ``race`` won). A connection that dies with the query in flight
+        costs one retry on another connection (RFC 7858 §3.4).
         """
         if not self._reuse:
-            return await self._query_on_own_connection(message, key)
+            return await self._query_on_own_connection(message, key, race)
         try:
-            return await (await self._checkout()).exchange(message, key)
+            return await (await self._checkout(race)).exchange(message, key, race)
         except UpstreamClosed:
-            return await (await self._checkout()).exchange(message, key)
+            return await (await self._checkout(race)).exchange(message, key, race)
 
-    async def _checkout(self) -> Connection:
+    async def _checkout(self, race: Race | None) -> Connection:
         while True:
             for connection in self._connections:
                 if connection.has_room:
@@ -391,7 +452,7 @@ class Upstream:
             if not connection.ready.is_set():
                 # Everyone who wants a connection while one is opening waits for that one:
                 # one handshake, not a thundering herd.
-                await connection.ready.wait()
+                await connection.wait_ready(race)
             if connection.closed:
                 raise connection.error or UpstreamClosed(f"{self.spec.label}: closed")
             if connection.has_room:
@@ -417,17 +478,19 @@ class Upstream:
             self._connections.remove(connection)
         self._room.unpark_all()
 
-    async def _query_on_own_connection(self, message: bytes, key: bytes) -> bytes:
+    async def _query_on_own_connection(
+        self, message: bytes, key: bytes, race: Race | None
+    ) -> bytes:
         # The original design, kept for comparison in the benchmark: one connection per query.
         connection = Connection(
             self.spec, self._ssl_context, self._config, on_room=_nothing, on_closed=_nothing
         )
         self._nursery.start_soon(connection.run)
         try:
-            await connection.ready.wait()
+            await connection.wait_ready(race)
             if connection.closed:
                 raise connection.error or UpstreamClosed(f"{self.spec.label}: closed")
-            return await connection.exchange(message, key)
+            return await connection.exchange(message, key, race)
         finally:
             connection.retire(UpstreamClosed("query done"))
 

@@ -234,6 +234,9 @@ def truncate_for_udp(answer: bytes, limit: int) -> bytes:
     question = answer[HEADER_SIZE:question_end]
     if opt is not None and len(opt) > 11 and HEADER_SIZE + len(question) + len(opt) > limit:
         opt = opt[:9] + b"\x00\x00"  # keep the OPT record, drop its options
+    if HEADER_SIZE + len(question) + len(opt or b"") > limit:
+        # Several long questions (qdcount > 1) can outgrow the limit on their own: drop them.
+        qdcount, question = 0, b""
     header = _HEADER.pack(msg_id, flags | FLAG_TC, qdcount, 0, 0, 0 if opt is None else 1)
     return header + question + (opt or b"")
 

@@ -1,0 +1,144 @@
+"""Upstream health and selection, pure: the clock is passed in as ``now``.
+
+RFC 7858 §3.1 asks a client to remember servers that fail and not to hammer them; users ask for
+resolution that never goes down (dnsproxy #354, stubby #105). Each upstream has a
+:class:`Health`: a latency EWMA and recent samples (for the hedging budget), consecutive
+failures, and whether it is down with an exponential backoff until its next probe.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Health", "Policy", "order_upstreams"]
+
+EWMA_WEIGHT = 0.2
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 300.0
+SAMPLES = 64
+# A timeout may be the name's fault (a slow authoritative server), not the upstream's: only a
+# run of them marks an upstream down. Refused connections and TLS failures do at once.
+TIMEOUTS_TO_DOWN = 3
+
+
+class Policy(enum.Enum):
+    """How the next query picks among healthy upstreams (``--upstream-policy``)."""
+
+    FAILOVER = "failover"
+    ROUND_ROBIN = "round-robin"
+    FASTEST = "fastest"
+
+
+@dataclass(slots=True)
+class Health:
+    """What the proxy has learnt about one upstream."""
+
+    rtt: float | None = None  # EWMA of answer times, seconds
+    consecutive_failures: int = 0
+    consecutive_timeouts: int = 0
+    down: bool = False
+    next_probe: float = 0.0
+    backoff: float = 0.0
+    last_failure: float = float("-inf")
+    answers: int = 0
+    failures: int = 0
+    soft_failures: int = 0
+    _samples: list[float] = field(default_factory=list)
+    _next_sample: int = 0
+    _p95: float | None = None
+
+    def record_answer(self, now: float, rtt: float) -> None:
+        """A valid answer arrived after ``rtt`` seconds: the upstream is up."""
+        self.answers += 1
+        self.rtt = rtt if self.rtt is None else self.rtt + EWMA_WEIGHT * (rtt - self.rtt)
+        if len(self._samples) < SAMPLES:
+            self._samples.append(rtt)
+        else:
+            self._samples[self._next_sample] = rtt
+            self._next_sample = (self._next_sample + 1) % SAMPLES
+        if self.answers % 16 == 1:
+            self._p95 = None  # recomputed lazily, not on every answer
+        self.consecutive_failures = 0
+        self.consecutive_timeouts = 0
+        self.down = False
+        self.backoff = 0.0
+
+    def record_soft_failure(self) -> None:
+        """The upstream answered SERVFAIL or REFUSED: alive, but this answer is not kept."""
+        self.soft_failures += 1
+
+    def record_failure(self, now: float, *, timeout: bool = False) -> None:
+        """The upstream failed a query: refused, TLS failure, broken connection, or timeout."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_failure = now
+        if timeout:
+            self.consecutive_timeouts += 1
+            if self.consecutive_timeouts < TIMEOUTS_TO_DOWN:
+                return
+        self.backoff = BACKOFF_FIRST if not self.down else min(BACKOFF_CAP, self.backoff * 2)
+        self.down = True
+        self.next_probe = now + self.backoff
+
+    def probe_due(self, now: float) -> bool:
+        """Whether a background probe should be sent now."""
+        return self.down and now >= self.next_probe
+
+    @property
+    def p95(self) -> float | None:
+        """95th percentile of recent answer times, or None before any answer."""
+        if self._p95 is None and self._samples:
+            ordered = sorted(self._samples)
+            self._p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        return self._p95
+
+    def hedge_budget(self, *, floor: float, ceiling: float) -> float:
+        """How long to wait for this upstream before asking the next one too."""
+        p95 = self.p95
+        return max(floor, min(ceiling, p95 if p95 is not None else floor))
+
+
+def order_upstreams(
+    health: Sequence[Health],
+    policy: Policy,
+    *,
+    turn: int,
+    rng: random.Random,
+) -> list[int]:
+    """Indexes of the upstreams to try for one query, in order.
+
+    Healthy upstreams come first, ordered by ``policy``; down ones follow, least recently
+    failed first, as a last resort — so when every upstream is down, the query still goes to
+    the one most likely to have recovered instead of failing for minutes.
+    """
+    up = [index for index, record in enumerate(health) if not record.down]
+    down = sorted(
+        (index for index, record in enumerate(health) if record.down),
+        key=lambda index: health[index].last_failure,
+    )
+    if len(up) > 1:
+        if policy is Policy.ROUND_ROBIN:
+            start = turn % len(up)
+            up = up[start:] + up[:start]
+        elif policy is Policy.FASTEST:
+            up = _fastest_first(up, health, rng)
+    return up + down
+
+
+def _fastest_first(up: list[int], health: Sequence[Health], rng: random.Random) -> list[int]:
+    # Weighted by 1/rtt²: the fastest gets most queries, and the others still get a few, so
+    # their latency stays measured. An upstream not yet measured is tried first.
+    unmeasured = [index for index in up if health[index].rtt is None]
+    if unmeasured:
+        first = unmeasured[0]
+    else:
+        weights = [1.0 / max(health[index].rtt or 1e-4, 1e-4) ** 2 for index in up]
+        first = rng.choices(up, weights=weights)[0]
+    rest = sorted(
+        (index for index in up if index != first),
+        key=lambda index: health[index].rtt or 0.0,
+    )
+    return [first, *rest]
