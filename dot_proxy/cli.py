@@ -19,6 +19,7 @@ from typing import NoReturn, TypeVar
 import trio
 
 from dot_proxy import __version__
+from dot_proxy.check import run_check
 from dot_proxy.config import DEFAULT_UPSTREAMS, Config, parse_listen_address, parse_upstream
 from dot_proxy.errors import ConfigError
 from dot_proxy.server import bind_sockets, serve
@@ -43,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dot-proxy",
-        description="Forward plain DNS (UDP and TCP) to resolvers over TLS (RFC 7858).",
+        description="Forward plain DNS (UDP and TCP) to resolvers over TLS (RFC 7858). "
+        "`dot-proxy check [--upstream ...]` tests the upstreams and exits.",
         epilog="Every flag also reads DOT_PROXY_<FLAG> (e.g. DOT_PROXY_UPSTREAM); repeatable "
         "flags take a comma-separated list there.",
     )
@@ -95,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
         help="open a new TLS connection for every query (slow; for comparison only)",
     )
     add(
+        "--no-padding",
+        action="store_const",
+        const="true",
+        default=None,
+        help="do not pad queries to the upstream (RFC 8467); padding hides their length",
+    )
+    add(
         "--upstream-policy",
         metavar="POLICY",
         help="with several upstreams: failover (in order; default), round-robin, or fastest",
@@ -135,6 +144,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         log_level=log_level,
         tcp_idle_timeout=value.one("tcp_idle_timeout", float, defaults.tcp_idle_timeout),
         reuse=not value.one("no_reuse", _boolean, False),
+        padding=not value.one("no_padding", _boolean, False),
         max_connections=value.one("max_connections", int, defaults.max_connections),
         max_pipeline=value.one("max_pipeline", int, defaults.max_pipeline),
         upstream_idle_timeout=value.one(
@@ -217,6 +227,15 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _check(args: list[str]) -> NoReturn:
+    try:
+        config = build_config(args, os.environ)
+    except ConfigError as exc:
+        print(f"dot-proxy check: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(trio.run(run_check, config))
+
+
 async def _run(config: Config, sockets: list[socket.socket]) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -234,9 +253,15 @@ async def _stop_on_signal(stop: trio.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting."""
+    """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting.
+
+    ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check"]:
+        _check(args[1:])
     try:
-        config = build_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = build_config(args, os.environ)
         _configure_logging(config.log_level)
         sockets = bind_sockets(config)
     except ConfigError as exc:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from dot_proxy.errors import ConfigError
+from dot_proxy.pins import PinError, parse_pin
 
 __all__ = [
     "DEFAULT_UPSTREAMS",
@@ -33,15 +34,20 @@ _HOSTNAME = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSpec:
-    """One DoT resolver: the address to dial and the name its certificate must carry.
+    """One DoT resolver: the address to dial and how to authenticate it.
 
     ``auth_name`` is what the certificate is checked against (RFC 8310 §8.1); it is the
-    address itself when the spec gives no ``#NAME``.
+    address itself when the spec gives no ``#NAME``. ``pins`` are SPKI pins (RFC 7858 §4.2):
+    with pins, the server's key must match one of them; with pins and no name
+    (``check_name`` false), the pins alone authenticate it and the certificate chain and name
+    are not checked.
     """
 
     host: str
     port: int
     auth_name: str
+    pins: tuple[str, ...] = ()
+    check_name: bool = True
 
     @property
     def label(self) -> str:
@@ -70,6 +76,8 @@ class Config:
     # Several upstreams: "failover", "round-robin" or "fastest"; hedge after a fixed number
     # of seconds, after the upstream's own p95 latency (None), or never (0).
     upstream_policy: str = "failover"
+    # RFC 8467 §4.1: pad queries to a multiple of 128 bytes on the encrypted hop.
+    padding: bool = True
     hedge_after: float | None = None
 
     def __post_init__(self) -> None:
@@ -102,13 +110,9 @@ class Config:
 
     @property
     def stall_timeout(self) -> float:
-        """Silence, with queries outstanding, after which an upstream connection is dead.
-
-        The whole query deadline: a resolver may take seconds on a cold name, and an answer
-        that arrives within the deadline must reach the client. Retiring a quiet connection
-        sooner turned such answers into SERVFAIL (a query and its one retry each cut short).
-        """
-        return self.timeout
+        """Silence, with queries outstanding, after which a connection that has answered
+        before is taken for stale (one that never answered waits for the deadline)."""
+        return min(1.0, self.timeout / 4)
 
 
 def _check_range(flag: str, value: int, low: int, high: int) -> None:
@@ -133,13 +137,18 @@ def parse_listen_address(text: str) -> str:
 
 
 def parse_upstream(text: str) -> UpstreamSpec:
-    """Parse ``HOST[:PORT][#AUTH_NAME]``; IPv6 as ``[ADDR]:PORT`` or a bare ``ADDR``.
+    """Parse ``HOST[:PORT][#AUTH_NAME][^PIN]...``; IPv6 as ``[ADDR]:PORT`` or a bare ``ADDR``.
 
     HOST must be an IP address: resolving a name would need DNS before DNS works, and the
-    name to authenticate is given separately after ``#`` (RFC 8310 §8.1).
+    name to authenticate is given separately after ``#`` (RFC 8310 §8.1). Each ``^PIN`` is a
+    base64 SHA-256 SPKI pin (RFC 7858 §4.2); give two for a backup key.
     """
-    spec = text.strip()
+    spec, *pin_texts = text.strip().split("^")
     where = f"--upstream: {text!r}"
+    try:
+        pins = tuple(dict.fromkeys(parse_pin(pin) for pin in pin_texts))
+    except PinError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     address_part, hash_sign, auth_name = spec.partition("#")
     if hash_sign and not _HOSTNAME.match(auth_name):
         raise ConfigError(f"{where}: {auth_name!r} after '#' is not a host name")
@@ -150,7 +159,13 @@ def parse_upstream(text: str) -> UpstreamSpec:
         raise ConfigError(
             f"{where}: {host!r} is not an IP address (give the address, then '#' and its name)"
         ) from None
-    return UpstreamSpec(host=host, port=port, auth_name=auth_name.rstrip(".") or host)
+    return UpstreamSpec(
+        host=host,
+        port=port,
+        auth_name=auth_name.rstrip(".") or host,
+        pins=pins,
+        check_name=bool(hash_sign) or not pins,
+    )
 
 
 def _split_host_port(text: str, where: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import trio
 
 from dot_proxy.config import Config
+from dot_proxy.edns import pad_query, strip_padding
 from dot_proxy.errors import UpstreamError, WireError
 from dot_proxy.resolver import Resolver
 from dot_proxy.wire import Rcode, error_reply, parse_query, replace_id, truncate_for_udp
@@ -34,6 +35,7 @@ class QueryHandler:
     def __init__(self, resolver: Resolver, config: Config, stats: ServerStats) -> None:
         self._resolver = resolver
         self._timeout = config.timeout
+        self._padding = config.padding
         self._stats = stats
 
     async def answer(self, data: bytes, *, udp: bool) -> bytes | None:
@@ -52,8 +54,11 @@ class QueryHandler:
             # RFC 7858 / design: one deadline covers pool checkout, connect, handshake, send
             # and receive, retries and failover included.
             with trio.move_on_after(self._timeout):
-                answer = await self._resolver.resolve(data, query.question_key)
-                answer = replace_id(answer, query.id)
+                outgoing, added_opt = pad_query(data) if self._padding else (data, False)
+                answer = await self._resolver.resolve(outgoing, query.question_key)
+                # RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT
+                # record we added for it is not the client's either.
+                answer = replace_id(strip_padding(answer, remove_opt=added_opt), query.id)
                 return truncate_for_udp(answer, query.udp_limit) if udp else answer
             self._stats.timeouts += 1
             log.debug("no answer within %g s", self._timeout)

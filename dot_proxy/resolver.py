@@ -178,7 +178,8 @@ class Resolver:
         health.record_failure(now, timeout=timeout)
         if health.down and not was_down:
             log.warning(
-                "%s is down; probing it again in %g s", self._upstreams[index].spec.label,
+                "%s is down; probing it again in %g s",
+                self._upstreams[index].spec.label,
                 health.backoff,
             )
 
@@ -268,4 +269,3 @@ async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
             yield resolver
         finally:
             nursery.cancel_scope.cancel()
-

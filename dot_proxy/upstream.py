@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager, suppress
 
 import trio
 
+from dot_proxy import pins
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import (
     UpstreamClosed,
@@ -37,24 +38,55 @@ from dot_proxy.wire import (
     replace_id,
 )
 
-__all__ = ["Connection", "Race", "RaceLost", "Upstream", "make_ssl_context", "open_upstreams"]
+__all__ = [
+    "Connection",
+    "Race",
+    "RaceLost",
+    "Upstream",
+    "check_pins",
+    "make_ssl_context",
+    "open_tls",
+    "open_upstreams",
+    "quickack_hook",
+]
 
 log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 65536
 
 
-def make_ssl_context(*, ca_file: str | None) -> ssl.SSLContext:
-    """The client TLS context for every upstream (RFC 7858 §3.2, RFC 8310 §5 strict profile).
+def make_ssl_context(*, ca_file: str | None, pins_only: bool = False) -> ssl.SSLContext:
+    """The client TLS context for upstreams (RFC 7858 §3.2, RFC 8310 §5 strict profile).
 
-    System CAs, or only ``ca_file`` when given; certificate and host name always checked; TLS 1.2
-    at least; ALPN ``dot`` (RFC 7858 §3.1 does not require it, but servers that host several
-    protocols on one port use it).
+    System CAs, or only ``ca_file`` when given; certificate and host name checked; TLS 1.2 at
+    least; ALPN ``dot`` (RFC 7858 §3.1 does not require it, but servers that host several
+    protocols on one port use it). ``pins_only`` is for upstreams authenticated by SPKI pins
+    alone (RFC 7858 §4.2): the chain and name go unchecked because the pin check after the
+    handshake, which nothing skips, is the authentication.
     """
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["dot"])
+    if pins_only:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def check_pins(spec: UpstreamSpec, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    """Raise :class:`UpstreamTLSError` unless the server's key matches one of ``spec.pins``.
+
+    Python before 3.13 exposes only the leaf certificate, so the pin must be the server's
+    own key (that is what the openssl recipe in the README computes).
+    """
+    if not spec.pins:
+        return
+    leaf = stream.getpeercert(binary_form=True)
+    if leaf is None or not pins.matches(spec.pins, [leaf]):
+        presented = pins.spki_sha256_b64(leaf) if leaf else "none"
+        raise UpstreamTLSError(
+            f"{spec.label}: server key pin {presented} matches none of the configured pins"
+        )
 
 
 class Race:
@@ -123,6 +155,9 @@ class Connection:
         self._max_pipeline = config.max_pipeline
         self._connect_timeout = config.connect_timeout
         self._stall_timeout = config.stall_timeout
+        # Silence a connection that never answered is allowed: past every deadline of the
+        # queries on it (see _watchdog).
+        self._patience = config.timeout + config.stall_timeout
         self._idle_timeout = config.upstream_idle_timeout
         self._on_room = on_room
         self._on_closed = on_closed
@@ -137,6 +172,7 @@ class Connection:
         now = trio.current_time()
         self._received_at = now
         self._busy_since = now
+        self._answered = False
         self.queries_sent = 0
 
     @property
@@ -245,7 +281,7 @@ class Connection:
                     log.warning("%s", exc)
                     self.retire(exc)
                     return
-                self._writer = BatchWriter(stream, after_send=_quickack_hook(stream))
+                self._writer = BatchWriter(stream, after_send=quickack_hook(stream))
                 self._set_ready()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_loop, stream)
@@ -265,31 +301,10 @@ class Connection:
                 await trio.aclose_forcefully(stream)
 
     async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
-        spec = self.spec
         with trio.move_on_after(self._connect_timeout):
-            try:
-                tcp = await trio.open_tcp_stream(spec.host, spec.port)
-            except OSError as exc:
-                raise UpstreamConnectError(
-                    f"{spec.label}: connect failed: {exc.strerror or exc}"
-                ) from exc
-            # https_compatible: DNS messages are length-framed, so a TCP close without TLS
-            # close_notify cannot truncate an answer unnoticed; treating it as plain EOF avoids
-            # spurious errors from servers that skip close_notify, and closing costs no RTT.
-            stream = trio.SSLStream(
-                tcp, self._ssl_context, server_hostname=spec.auth_name, https_compatible=True
-            )
-            try:
-                await stream.do_handshake()
-            except trio.BrokenResourceError as exc:
-                await trio.aclose_forcefully(tcp)
-                raise _handshake_error(spec, exc) from exc
-            except BaseException:
-                await trio.aclose_forcefully(tcp)
-                raise
-            return stream
+            return await open_tls(self.spec, self._ssl_context)
         raise UpstreamConnectError(
-            f"{spec.label}: no TLS connection within {self._connect_timeout:g} s"
+            f"{self.spec.label}: no TLS connection within {self._connect_timeout:g} s"
         )
 
     async def _read_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
@@ -334,6 +349,7 @@ class Connection:
         else:
             del self._pending[wire_id]
             pending.answer = answer
+            self._answered = True
             pending.race.wake()
         if len(self._pending) == self._max_pipeline - 1:
             self._on_room()
@@ -349,18 +365,23 @@ class Connection:
         # One task per connection, waking a few times a second, instead of a cancel scope per
         # query: a connection with queries outstanding that has received nothing at all for
         # stall_timeout is dead (a NAT dropped it, the server hangs) and is retired, so its
-        # queries are retried elsewhere well within their deadline. An idle one is closed.
+        # queries are retried elsewhere well within their deadline. That holds only for a
+        # connection that has answered before: on one that never has (fresh, or the retry's),
+        # silence is a slow resolver (seconds on a cold name) or a hung one, and another
+        # connection would not answer sooner, so it waits out its queries' deadline (issue 2:
+        # an answer within the deadline reaches the client; a hang is SERVFAIL at the deadline).
+        # An idle one is closed.
         tick = min(self._stall_timeout, self._idle_timeout) / 4
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
             if self._pending:
                 quiet_since = max(self._received_at, self._busy_since)
-                if now - quiet_since >= self._stall_timeout:
+                limit = self._stall_timeout if self._answered else self._patience
+                if now - quiet_since >= limit:
                     self.retire(
                         UpstreamClosed(
-                            f"{self.spec.label}: no answer for {self._stall_timeout:g} s; "
-                            "connection retired"
+                            f"{self.spec.label}: no answer for {limit:g} s; connection retired"
                         )
                     )
                     return
@@ -368,6 +389,36 @@ class Connection:
                 log.debug("%s: closing idle connection", self.spec.label)
                 self.retire(UpstreamClosed(f"{self.spec.label}: closed when idle"))
                 return
+
+
+async def open_tls(
+    spec: UpstreamSpec, context: ssl.SSLContext
+) -> trio.SSLStream[trio.SocketStream]:
+    """Connect to ``spec`` and complete an authenticated TLS handshake (no deadline of its own).
+
+    Error handling: raises :class:`UpstreamConnectError` (TCP) or :class:`UpstreamTLSError`
+    (handshake, certificate, name or pins). Resource handling: on error nothing stays open;
+    on success the caller owns the stream.
+    """
+    try:
+        tcp = await trio.open_tcp_stream(spec.host, spec.port)
+    except OSError as exc:
+        raise UpstreamConnectError(f"{spec.label}: connect failed: {exc.strerror or exc}") from exc
+    # https_compatible: DNS messages are length-framed, so a TCP close without TLS close_notify
+    # cannot truncate an answer unnoticed; treating it as plain EOF avoids spurious errors from
+    # servers that skip close_notify, and closing costs no round trip.
+    stream = trio.SSLStream(tcp, context, server_hostname=spec.auth_name, https_compatible=True)
+    try:
+        await stream.do_handshake()
+        # RFC 8310 §5: strict profile; nothing is written before the pins matched.
+        check_pins(spec, stream)
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tcp)
+        raise _handshake_error(spec, exc) from exc
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return stream
 
 
 def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> UpstreamError:
@@ -381,7 +432,7 @@ def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> Upstr
     return UpstreamConnectError(f"{spec.label}: connection lost during the TLS handshake")
 
 
-def _quickack_hook(stream: trio.SSLStream[trio.SocketStream]) -> Callable[[], None] | None:
+def quickack_hook(stream: trio.SSLStream[trio.SocketStream]) -> Callable[[], None] | None:
     # Linux delays ACKs; a TLS 1.3 server that sends its session ticket first and then the
     # answer can sit ~40 ms on our delayed ACK. TCP_QUICKACK is not sticky, so it is set
     # again after each write.
@@ -436,7 +487,9 @@ class Upstream:
             return await self._query_on_own_connection(message, key, race)
         try:
             return await (await self._checkout(race)).exchange(message, key, race)
-        except UpstreamClosed:
+        except (UpstreamClosed, UpstreamProtocolError):
+            # A connection retired for talking nonsense (a frame too short to be DNS) failed
+            # every query on it; like one that closed, it costs them one retry, not SERVFAIL.
             return await (await self._checkout(race)).exchange(message, key, race)
 
     async def _checkout(self, race: Race | None) -> Connection:
@@ -505,9 +558,13 @@ async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
 
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
-    ssl_context = make_ssl_context(ca_file=config.ca_file)
+    verified = make_ssl_context(ca_file=config.ca_file)
+    pins_only = make_ssl_context(ca_file=config.ca_file, pins_only=True)
     async with trio.open_nursery() as nursery:
         try:
-            yield [Upstream(spec, ssl_context, config, nursery) for spec in config.upstreams]
+            yield [
+                Upstream(spec, verified if spec.check_name else pins_only, config, nursery)
+                for spec in config.upstreams
+            ]
         finally:
             nursery.cancel_scope.cancel()

@@ -1,0 +1,206 @@
+"""EDNS(0) padding, sans-I/O: pad queries for the TLS hop, strip padding from answers.
+
+RFC 7830 defines the Padding option (code 12, zero bytes); RFC 8467 §4.1 recommends padding
+queries to a multiple of 128 bytes (and responses to 468, which is what unbound does when the
+query was padded). Padding only hides sizes on the encrypted hop: answers are stripped of it
+before they go back to the client in cleartext, where it only costs bytes and can push a UDP
+answer over the client's limit (RFC 7830 limits padding to encrypted transports).
+
+Like :mod:`dot_proxy.wire`, this module takes bytes and returns bytes: no trio, no sockets, no
+clock. Messages are walked record by record with the wire module's helpers, which read only
+names and record headers; record data is never parsed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from dot_proxy.errors import WireError
+from dot_proxy.wire import (
+    _HEADER,
+    HEADER_SIZE,
+    MAX_MESSAGE_SIZE,
+    OUR_UDP_PAYLOAD,
+    TYPE_OPT,
+    Rcode,
+    _question_end,
+    _rr_type,
+    _skip_rr,
+)
+
+__all__ = [
+    "OPTION_PADDING",
+    "QUERY_BLOCK",
+    "RESPONSE_BLOCK",
+    "pad_query",
+    "strip_padding",
+]
+
+#: The EDNS(0) Padding option code (RFC 7830 §3).
+OPTION_PADDING: Final = 12
+#: RFC 8467 §4.1: clients pad queries to a multiple of 128 bytes.
+QUERY_BLOCK: Final = 128
+#: RFC 8467 §4.1: servers pad responses to a multiple of 468 bytes.
+RESPONSE_BLOCK: Final = 468
+
+# Records that sign the message they close (RFC 8945 TSIG, RFC 2931 SIG(0)): changing a signed
+# message breaks its signature, so signed queries are forwarded as they are.
+_TYPE_SIG: Final = 24
+_TYPE_TSIG: Final = 250
+
+# An OPT record is the root name (one zero byte), then TYPE, CLASS (UDP payload), TTL (extended
+# RCODE, version, flags) and RDLENGTH: 11 bytes before its options (RFC 6891 §6.1.2).
+_OPT_FIXED: Final = 11
+_RDLENGTH_AT: Final = 9
+_OPTION_HEADER = struct.Struct("!HH")  # OPTION-CODE, OPTION-LENGTH (RFC 6891 §6.1.2)
+_PADDING_CODE: Final = OPTION_PADDING.to_bytes(2, "big")
+_ARCOUNT_AT: Final = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where a message's records end, where its OPT record is, and whether it is signed."""
+
+    end: int
+    opt: tuple[int, int] | None
+    signed: bool
+
+
+def pad_query(message: bytes, *, block: int = QUERY_BLOCK) -> tuple[bytes, bool]:
+    """Pad a query to a multiple of ``block`` bytes (RFC 7830, RFC 8467 §4.1).
+
+    Returns the padded query and whether an OPT record was *added* because the client sent
+    none; the caller then removes it from the answer with ``strip_padding(answer,
+    remove_opt=True)``. The Padding option holds the fewest zero bytes that make the length a
+    multiple of ``block`` (possibly none). A Padding option the client sent is replaced; its
+    other options, flags (DO) and payload size are kept in order. An added OPT advertises a
+    1,232-byte payload with no flags. Bytes after the last record are dropped.
+
+    Signed queries (TSIG, SIG(0)) and queries that cannot be padded within 65,535 bytes are
+    returned as they are (the same object), with ``False``.
+
+    Error handling: raises :class:`WireError` (FORMERR) when the records, the OPT record or its
+    options cannot be walked, and :class:`ValueError` for a ``block`` outside 1..65535.
+    """
+    if not 1 <= block <= MAX_MESSAGE_SIZE:
+        raise ValueError(f"padding block must be 1..{MAX_MESSAGE_SIZE}, not {block}")
+    layout = _layout(message)
+    if layout.signed:
+        return message, False
+    if layout.opt is None:
+        before = _add_to_arcount(message[: layout.end], +1)
+        fixed = b"\x00" + struct.pack("!HHI", TYPE_OPT, OUR_UDP_PAYLOAD, 0)
+        options, after = b"", b""
+    else:
+        start, end = layout.opt
+        before = message[:start]
+        fixed = message[start : start + _RDLENGTH_AT]
+        options = _without_padding(message[start + _OPT_FIXED : end])
+        after = message[end : layout.end]
+    unpadded = len(before) + _OPT_FIXED + len(options) + _OPTION_HEADER.size + len(after)
+    pad = -unpadded % block
+    if unpadded + pad > MAX_MESSAGE_SIZE:
+        return message, False
+    rdata = options + _OPTION_HEADER.pack(OPTION_PADDING, pad) + bytes(pad)
+    return before + fixed + len(rdata).to_bytes(2, "big") + rdata + after, layout.opt is None
+
+
+def strip_padding(answer: bytes, *, remove_opt: bool) -> bytes:
+    """Remove the Padding option from an upstream's answer before it goes back in cleartext.
+
+    Other options (cookies, NSID, Extended DNS Errors, ...) are kept in order and the OPT
+    record's RDLENGTH fixed (RFC 7830: padding is for encrypted transports only). With
+    ``remove_opt`` (the client sent no OPT and :func:`pad_query` added one), the whole OPT
+    record goes and ARCOUNT drops by one, so the client sees no EDNS it did not ask for
+    (RFC 6891 §7). The OPT record may sit anywhere in the additional section (before TSIG).
+
+    Returns ``answer`` itself when there is nothing to do: no additional records, no OPT
+    record, or no Padding option and not ``remove_opt``.
+
+    Error handling: never raises for malformed input; an answer that cannot be walked, that has
+    more than one OPT record, or whose options overrun the OPT record is returned unchanged
+    (it already passed the caller's matching and is the upstream's business).
+    """
+    if len(answer) < HEADER_SIZE or not (answer[_ARCOUNT_AT] or answer[_ARCOUNT_AT + 1]):
+        return answer
+    # Cheap and sound: a Padding option always writes its code, so without those two bytes
+    # anywhere there is nothing to strip and no need to walk the records.
+    if not remove_opt and _PADDING_CODE not in answer:
+        return answer
+    try:
+        layout = _layout(answer)
+    except WireError:
+        return answer
+    if layout.opt is None:
+        return answer
+    start, end = layout.opt
+    if remove_opt:
+        return _add_to_arcount(answer[:start], -1) + answer[end:]
+    rdata = answer[start + _OPT_FIXED : end]
+    try:
+        kept = _without_padding(rdata)
+    except WireError:
+        return answer
+    if len(kept) == len(rdata):
+        return answer
+    fixed = answer[: start + _RDLENGTH_AT]
+    return fixed + len(kept).to_bytes(2, "big") + kept + answer[end:]
+
+
+# --- walking -------------------------------------------------------------------------------
+
+
+def _layout(message: bytes) -> _Layout:
+    """Walk every record, find the OPT record and any signature in the additional section."""
+    if len(message) < HEADER_SIZE:
+        raise WireError("shorter than a DNS header", rcode=Rcode.FORMERR)
+    _, _, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(message)
+    offset = HEADER_SIZE
+    for _ in range(qdcount):
+        offset = _question_end(message, offset)
+    for _ in range(ancount + nscount):
+        offset = _skip_rr(message, offset)
+    opt: tuple[int, int] | None = None
+    signed = False
+    for _ in range(arcount):
+        start = offset
+        offset = _skip_rr(message, offset)
+        rr_type = _rr_type(message, start)
+        if rr_type == TYPE_OPT:
+            # RFC 6891 §6.1.1: at most one OPT record, and its owner is the root.
+            if opt is not None:
+                raise WireError("more than one OPT record", rcode=Rcode.FORMERR)
+            if message[start] != 0:
+                raise WireError("OPT record not owned by the root", rcode=Rcode.FORMERR)
+            opt = (start, offset)
+        elif rr_type in (_TYPE_TSIG, _TYPE_SIG):
+            signed = True
+    return _Layout(offset, opt, signed)
+
+
+def _without_padding(rdata: bytes) -> bytes:
+    """An OPT record's options with every Padding option left out, the rest in order.
+
+    RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
+    """
+    kept: list[bytes] = []
+    offset, end = 0, len(rdata)
+    while offset < end:
+        if offset + _OPTION_HEADER.size > end:
+            raise WireError("EDNS option header runs past the OPT record", rcode=Rcode.FORMERR)
+        code, length = _OPTION_HEADER.unpack_from(rdata, offset)
+        option_end = offset + _OPTION_HEADER.size + length
+        if option_end > end:
+            raise WireError("EDNS option runs past the OPT record", rcode=Rcode.FORMERR)
+        if code != OPTION_PADDING:
+            kept.append(rdata[offset:option_end])
+        offset = option_end
+    return b"".join(kept)
+
+
+def _add_to_arcount(message: bytes, delta: int) -> bytes:
+    """The message (at least a header) with ``delta`` added to its ARCOUNT (RFC 1035 §4.1.1)."""
+    arcount = (message[_ARCOUNT_AT] << 8) | message[_ARCOUNT_AT + 1]
+    return message[:_ARCOUNT_AT] + (arcount + delta).to_bytes(2, "big") + message[HEADER_SIZE:]
