@@ -46,6 +46,8 @@ class QueryHandler:
         """
         try:
             query = parse_query(data)
+            # RFC 8467 §4.1: padded on the encrypted hop; padding checks the EDNS options too.
+            outgoing, added_opt = pad_query(data) if self._padding else (data, False)
         except WireError as exc:
             self._stats.malformed += 1
             log.debug("malformed query: %s", exc)
@@ -54,7 +56,6 @@ class QueryHandler:
             # RFC 7858 / design: one deadline covers pool checkout, connect, handshake, send
             # and receive, retries and failover included.
             with trio.move_on_after(self._timeout):
-                outgoing, added_opt = pad_query(data) if self._padding else (data, False)
                 answer = await self._resolver.resolve(outgoing, query.question_key)
                 # RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT
                 # record we added for it is not the client's either.

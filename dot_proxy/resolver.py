@@ -210,15 +210,21 @@ class Resolver:
             now = trio.current_time()
             while hedges and hedges[0][0] <= now:
                 race = heapq.heappop(hedges)[2]
-                if not race.finished and race.answer is None and race.claimed < len(race.order):
+                if not race.finished and race.answer is None and self._may_hedge(race):
                     race.hedge_scope = trio.CancelScope(deadline=race.deadline)
                     self._nursery.start_soon(self._hedge, race, race.hedge_scope)
             if hedges:
                 await trio.sleep_until(min(hedges[0][0], now + _HEDGER_TICK))
 
+    def _may_hedge(self, race: _Attempts) -> bool:
+        # A hedge goes to the next *healthy* upstream: a down one is left to the prober and
+        # its backoff (RFC 7858 §3.1), not hammered by every slow query. The query's own task
+        # still tries it as a last resort.
+        return race.claimed < len(race.order) and not self.health[race.order[race.claimed]].down
+
     async def _hedge(self, race: _Attempts, scope: trio.CancelScope) -> None:
         with scope:
-            while not race.finished and race.answer is None:
+            while not race.finished and race.answer is None and self._may_hedge(race):
                 index = race.claim()
                 if index is None:
                     return

@@ -83,7 +83,10 @@ def check_pins(spec: UpstreamSpec, stream: trio.SSLStream[trio.SocketStream]) ->
         return
     leaf = stream.getpeercert(binary_form=True)
     if leaf is None or not pins.matches(spec.pins, [leaf]):
-        presented = pins.spki_sha256_b64(leaf) if leaf else "none"
+        try:
+            presented = pins.spki_sha256_b64(leaf) if leaf else "none"
+        except pins.PinError:
+            presented = "unreadable"
         raise UpstreamTLSError(
             f"{spec.label}: server key pin {presented} matches none of the configured pins"
         )
@@ -109,8 +112,12 @@ class Race:
 
     async def wait(self) -> None:
         """Sleep until the next :meth:`wake` (callers re-check their state after it)."""
-        await self._event.wait()
-        self._event = trio.Event()
+        event = self._event
+        await event.wait()
+        # Several tasks may wait on one race (a query and its hedge): only the first to wake
+        # arms a new event, or a later one would replace the event the first waits on again.
+        if self._event is event:
+            self._event = trio.Event()
 
 
 class RaceLost(UpstreamError):
