@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pwd
 import signal
 import socket
 import ssl
@@ -97,6 +98,29 @@ def _parser() -> argparse.ArgumentParser:
         help="open a new TLS connection for every query (slow; for comparison only)",
     )
     add(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="client network that may query, repeatable (default: loopback and private "
+        "networks; 0.0.0.0/0 and ::/0 make an open resolver)",
+    )
+    add(
+        "--max-tcp-clients",
+        metavar="N",
+        help="client TCP connections open at once; more wait in the backlog (default: 256)",
+    )
+    add(
+        "--ratelimit",
+        metavar="QPS",
+        help="queries per second per client /24 or /56; over it UDP is dropped, TCP "
+        "answered REFUSED (default: 0, off)",
+    )
+    add(
+        "--user",
+        metavar="NAME",
+        help="when started as root: bind the sockets, then run as this user",
+    )
+    add(
         "--no-padding",
         action="store_const",
         const="true",
@@ -145,6 +169,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         tcp_idle_timeout=value.one("tcp_idle_timeout", float, defaults.tcp_idle_timeout),
         reuse=not value.one("no_reuse", _boolean, False),
         padding=not value.one("no_padding", _boolean, False),
+        allow=tuple(value.many("allow", list(defaults.allow))),
+        max_tcp_clients=value.one("max_tcp_clients", int, defaults.max_tcp_clients),
+        ratelimit=value.one("ratelimit", float, defaults.ratelimit),
+        user=value.one("user", str, defaults.user),
         max_connections=value.one("max_connections", int, defaults.max_connections),
         max_pipeline=value.one("max_pipeline", int, defaults.max_pipeline),
         upstream_idle_timeout=value.one(
@@ -227,6 +255,26 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _drop_privileges(user: str) -> None:
+    """Become ``user`` (and its group, no others) once the sockets are bound.
+
+    Error handling: raises :class:`ConfigError` for an unknown user, or when not root and
+    not already that user.
+    """
+    try:
+        record = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--user: no such user {user!r}") from None
+    if os.geteuid() == record.pw_uid:
+        return
+    if os.geteuid() != 0:
+        raise ConfigError(f"--user: only root can become {user!r}; start as root or drop --user")
+    os.setgroups([])
+    os.setgid(record.pw_gid)
+    os.setuid(record.pw_uid)
+    log.info("running as user %s (uid %d, gid %d)", user, record.pw_uid, record.pw_gid)
+
+
 def _check(args: list[str]) -> NoReturn:
     try:
         config = build_config(args, os.environ)
@@ -264,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = build_config(args, os.environ)
         _configure_logging(config.log_level)
         sockets = bind_sockets(config)
+        if config.user is not None:
+            _drop_privileges(config.user)
     except ConfigError as exc:
         print(f"dot-proxy: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -11,6 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from dot_proxy.access import DEFAULT_ALLOW
 from dot_proxy.errors import ConfigError
 from dot_proxy.pins import PinError, parse_pin
 
@@ -78,6 +79,11 @@ class Config:
     upstream_policy: str = "failover"
     # RFC 8467 §4.1: pad queries to a multiple of 128 bytes on the encrypted hop.
     padding: bool = True
+    # Who may query (RFC 5358: never an open resolver by default) and how much.
+    allow: tuple[str, ...] = DEFAULT_ALLOW
+    max_tcp_clients: int = 256
+    ratelimit: float = 0.0  # queries/s per /24 or /56; 0 = off
+    user: str | None = None
     hedge_after: float | None = None
 
     def __post_init__(self) -> None:
@@ -93,6 +99,14 @@ class Config:
         # RFC 7766 §6.2.1: IDs must be unique among a connection's in-flight queries.
         _check_range("--max-pipeline", self.max_pipeline, 1, 65535)
         _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
+        _check_range("--max-tcp-clients", self.max_tcp_clients, 1, 1_000_000)
+        if not 0 <= self.ratelimit < float("inf"):
+            raise ConfigError(f"--ratelimit: {self.ratelimit} must be 0 (off) or a rate per second")
+        for network in self.allow:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"--allow: {network!r} is not an address or network") from None
         if self.upstream_policy not in UPSTREAM_POLICIES:
             raise ConfigError(
                 f"--upstream-policy: {self.upstream_policy!r} is not one of "

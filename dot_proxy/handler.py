@@ -23,6 +23,8 @@ class ServerStats:
     """Counters of what the server did not pass on (read them; the server only adds)."""
 
     malformed: int = 0
+    refused: int = 0  # sources outside the access list
+    ratelimited: int = 0
     dropped_busy: int = 0
     servfail: int = 0
     timeouts: int = 0

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 
 import trio
 
+from dot_proxy.access import AccessList, RateLimiter
 from dot_proxy.config import Config
 from dot_proxy.errors import ConfigError
 from dot_proxy.handler import QueryHandler, ServerStats
-from dot_proxy.listeners import serve_tcp, serve_udp
+from dot_proxy.listeners import Listening, serve_tcp, serve_udp
 from dot_proxy.resolver import open_resolver
 
 __all__ = ["QueryHandler", "ServerStats", "bind_sockets", "serve"]
@@ -131,33 +132,33 @@ async def serve(
         sockets = bind_sockets(config)
     stats = stats if stats is not None else ServerStats()
     try:
-        async with open_resolver(config) as resolver:
-            handler = QueryHandler(resolver, config, stats)
-            limiter = trio.Semaphore(config.max_in_flight)
-            async with trio.open_nursery() as work:
-                async with trio.open_nursery() as listeners:
-                    bound = []
-                    for sock in sockets:
-                        if sock.type == socket.SOCK_DGRAM:
-                            where = await listeners.start(
-                                serve_udp, sock, handler, work, limiter, stats
-                            )
-                            bound.append(("udp", where[0], where[1]))
-                        else:
-                            where = await listeners.start(
-                                serve_tcp, sock, handler, work, limiter, config.tcp_idle_timeout
-                            )
-                            bound.append(("tcp", where[0], where[1]))
-                    _log_startup(config, bound)
-                    task_status.started(bound)
-                    if stop is None:
-                        await trio.sleep_forever()
-                    await stop.wait()
-                    listeners.cancel_scope.cancel()
-                # Stopped listening; queries in flight get a grace period. Idle client
-                # connections are cut at its end too, rather than waiting out their idle time.
-                log.info("stopping: finishing queries in flight")
-                work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+        async with open_resolver(config) as resolver, trio.open_nursery() as work:
+            listening = Listening(
+                handler=QueryHandler(resolver, config, stats),
+                nursery=work,
+                limiter=trio.Semaphore(config.max_in_flight),
+                tcp_clients=trio.Semaphore(config.max_tcp_clients),
+                stats=stats,
+                access=AccessList(config.allow),
+                ratelimit=RateLimiter(config.ratelimit) if config.ratelimit else None,
+                tcp_idle_timeout=config.tcp_idle_timeout,
+            )
+            async with trio.open_nursery() as listeners:
+                bound = []
+                for sock in sockets:
+                    udp = sock.type == socket.SOCK_DGRAM
+                    where = await listeners.start(serve_udp if udp else serve_tcp, sock, listening)
+                    bound.append(("udp" if udp else "tcp", where[0], where[1]))
+                _log_startup(config, bound)
+                task_status.started(bound)
+                if stop is None:
+                    await trio.sleep_forever()
+                await stop.wait()
+                listeners.cancel_scope.cancel()
+            # Stopped listening; queries in flight get a grace period. Idle client
+            # connections are cut at its end too, rather than waiting out their idle time.
+            log.info("stopping: finishing queries in flight")
+            work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
     finally:
         for sock in sockets:
             sock.close()
@@ -169,3 +170,11 @@ def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
         log.info("listening on %s %s:%d", transport, shown, port)
     for spec in config.upstreams:
         log.info("forwarding over TLS to %s", spec.label)
+    log.info("clients allowed from %s", ", ".join(config.allow))
+    if AccessList(config.allow).is_open:
+        log.warning(
+            "the access list admits every address: this is an open resolver, usable by anyone "
+            "who can reach it for floods and amplification"
+        )
+    if config.ratelimit:
+        log.info("rate limit: %g queries/s per /24 (IPv4) or /56 (IPv6)", config.ratelimit)

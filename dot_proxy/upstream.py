@@ -475,6 +475,7 @@ class Upstream:
         self._nursery = nursery
         self._connections: list[Connection] = []
         self._room = trio.lowlevel.ParkingLot()
+        self._room_races: set[Race] = set()
         self._reuse = config.reuse
         self._max_connections = config.max_connections
 
@@ -506,7 +507,7 @@ class Upstream:
                     break
             else:
                 if len(self._connections) >= self._max_connections:
-                    await self._room.park()
+                    await self._wait_for_room(race)
                     continue
                 connection = self._open()
             if not connection.ready.is_set():
@@ -530,13 +531,29 @@ class Upstream:
         self._nursery.start_soon(connection.run)
         return connection
 
+    async def _wait_for_room(self, race: Race | None) -> None:
+        """Wait until a connection may have room, or raise :class:`RaceLost` once ``race``
+        is won elsewhere: a query whose hedge answered must not sit here until its deadline
+        (a hung upstream fills its pool with abandoned queries)."""
+        if race is None:
+            await self._room.park()
+            return
+        if race.answer is None:
+            self._room_races.add(race)
+            await race.wait()
+        if race.answer is not None:
+            raise RaceLost(f"{self.spec.label}: another upstream answered first")
+
     def _wake_waiters(self) -> None:
         self._room.unpark_all()
+        races, self._room_races = self._room_races, set()
+        for race in races:
+            race.wake()
 
     def _forget(self, connection: Connection) -> None:
         if connection in self._connections:
             self._connections.remove(connection)
-        self._room.unpark_all()
+        self._wake_waiters()
 
     async def _query_on_own_connection(
         self, message: bytes, key: bytes, race: Race | None
