@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import importlib.util
 import os
 import random
 import re
@@ -142,7 +143,7 @@ class Zone:
     - every host has A (198.18.0.0/15, RFC 2544) and AAAA (2001:db8::/32); every
       ``txt_every``-th host also has a short TXT;
     - ``big.test`` TXT: 30 records of 60 bytes, about 2.2 kB on the wire (over 1,232);
-    - ``mid.test`` TXT: 11 records of 60 bytes, about 850 bytes (over 512, under 1,232);
+    - ``mid.test`` TXT: 11 records of 60 bytes, about 830 bytes (over 512, under 1,232);
     - any other name under ``test.`` is NXDOMAIN (``static`` zone), e.g. ``nx7.test``;
     - names outside ``test.`` are REFUSED at once (``local-zone: "." refuse``) rather than
       sent off to root servers this sandbox cannot reach, which would hang until SERVFAIL.
@@ -298,6 +299,7 @@ class _Server(abc.ABC):
         self._attempts = attempts
         self._process: subprocess.Popen[bytes] | None = None
         self.argv: list[str] = []
+        self.returncode: int | None = None  # set by stop(): how the last process exited
 
     @abc.abstractmethod
     def _prepare(self) -> list[str]:
@@ -352,8 +354,24 @@ class _Server(abc.ABC):
             return self
         raise RealDnsError(f"{self.name} did not start:\n" + "\n".join(failures))
 
+    def restart(self, timeout: float = STARTUP_TIMEOUT) -> Self:
+        """Stop, then start again with the same ports and config, and wait until it answers.
+
+        For tests of a client whose server went away and came back (stale pooled
+        connections). Error handling: if the port was taken meanwhile, ``RealDnsError``.
+        """
+        self.stop()
+        self._spawn()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def _spawn(self) -> None:
-        with self.log_file.open("ab") as log:
+        # A fresh log per attempt; a failed attempt's log is already in its error message.
+        with self.log_file.open("wb") as log:
             self._process = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
@@ -387,7 +405,7 @@ class _Server(abc.ABC):
         )
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """Stop the process (SIGTERM, then SIGKILL) and return its exit code.
+        """Stop the process (SIGTERM, then SIGKILL) and return its exit code (also ``returncode``).
 
         Resource handling: SIGCONT goes first, since a test may have left it SIGSTOPped and a
         stopped process does not act on SIGTERM. The Popen is always waited for.
@@ -406,6 +424,7 @@ class _Server(abc.ABC):
                     code = process.wait()
             else:
                 code = process.returncode
+            self.returncode = code
         return code
 
     def cleanup(self) -> None:
@@ -446,11 +465,13 @@ class Unbound(_Server):
         workdir: Path | str | None = None,
         extra_config: Sequence[str] = (),
         verbosity: int = 1,
+        ipv6: bool = False,
         attempts: int = 3,
     ) -> None:
         super().__init__(workdir=workdir, attempts=attempts)
         self.pki = pki
         self.zone = zone or Zone()
+        self.ipv6 = ipv6  # also listen on ::1, same ports (the certificate names ::1 too)
         self.extra_config = tuple(extra_config)
         self.verbosity = verbosity
         self.tls_port = 0
@@ -463,16 +484,27 @@ class Unbound(_Server):
         """This server as dot-proxy's ``--upstream`` value."""
         return f"{LOOPBACK}:{self.tls_port}#{self.pki.auth_name}"
 
+    @property
+    def upstream_spec_v6(self) -> str:
+        """The same over ::1 (needs ``ipv6=True``)."""
+        return f"[::1]:{self.tls_port}#{self.pki.auth_name}"
+
     def _prepare(self) -> list[str]:
-        self.tls_port = free_port("both")  # unbound also opens UDP on the TLS port
+        # unbound also opens UDP on the TLS port. With ipv6, ::1 may hold the port already:
+        # then unbound exits at once and start() retries with new ports.
+        self.tls_port = free_port("both")
         self.plain_port = free_port("both")
         self.config_file.write_text(self.config_text())
         return [_require_tool("unbound"), "-d", "-c", str(self.config_file)]
 
+    @property
+    def ports(self) -> tuple[int, int]:
+        return (self.tls_port, self.plain_port)
+
     def config_text(self) -> str:
+        hosts = [LOOPBACK, "::1"] if self.ipv6 else [LOOPBACK]
         settings = [
-            f"interface: {LOOPBACK}@{self.tls_port}",
-            f"interface: {LOOPBACK}@{self.plain_port}",
+            *(f"interface: {host}@{port}" for host in hosts for port in self.ports),
             f"tls-port: {self.tls_port}",
             f'tls-service-key: "{self.pki.key_file}"',
             f'tls-service-pem: "{self.pki.cert_file}"',
@@ -486,6 +518,7 @@ class Unbound(_Server):
             'pidfile: ""',
             "access-control: 127.0.0.0/8 allow",
             "access-control: ::1 allow",
+            f"do-ip6: {'yes' if self.ipv6 else 'no'}",
             "num-threads: 1",
             'module-config: "iterator"',
             # The default of 10 TCP/TLS clients per thread would throttle a benchmark
@@ -507,13 +540,18 @@ class Unbound(_Server):
 
 
 class _Forwarder(_Server):
-    """A plain-DNS-in, DoT-out forwarder listening on ``port`` (UDP and TCP)."""
+    """A plain-DNS-in, DoT-out forwarder listening on ``port`` (UDP and TCP).
+
+    ``start()`` waits for a NOERROR answer to ``probe_name`` over UDP, i.e. for the whole
+    path to the upstream. With ``probe_name=None`` it only waits until the TCP port accepts
+    a connection: for a forwarder whose upstream is meant to be unreachable or wrong.
+    """
 
     def __init__(
         self,
         pki: Pki,
         *,
-        probe_name: str = "h0.test.",
+        probe_name: str | None = "h0.test.",
         workdir: Path | str | None = None,
         attempts: int = 3,
     ) -> None:
@@ -523,6 +561,9 @@ class _Forwarder(_Server):
         self.port = 0
 
     def _probe(self) -> None:
+        if self.probe_name is None:
+            socket.create_connection((LOOPBACK, self.port), timeout=0.5).close()
+            return
         answer = udp_query(self.port, self.probe_name, timeout=0.5)
         if answer.rcode() != dns.rcode.NOERROR:
             raise RealDnsError(f"probe answered {dns.rcode.to_text(answer.rcode())}")
@@ -619,7 +660,7 @@ class Dnsdist(_Forwarder):
             "caStore": f'"{self.pki.ca_file}"',
             "validateCertificates": "true",
             # The default health check asks for a.root-servers.net; ask for a name we serve.
-            "checkName": f'"{self.probe_name}"',
+            "checkName": f'"{self.probe_name or "h0.test."}"',
             **self.server_options,
         }
         server = ", ".join(f"{key}={value}" for key, value in options.items())
@@ -650,7 +691,7 @@ class DotProxy(_Forwarder):
         extra_args: Sequence[str] = (),
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
-        probe_name: str = "h0.test.",
+        probe_name: str | None = "h0.test.",
         workdir: Path | str | None = None,
         attempts: int = 3,
     ) -> None:
@@ -668,7 +709,15 @@ class DotProxy(_Forwarder):
         return [*argv, "--ca-file", str(self.pki.ca_file), *self.extra_args]
 
     def _environment(self) -> dict[str, str] | None:
-        return None if self.env is None else {**os.environ, **self.env}
+        # The child runs in its temp dir, where ``-m dot_proxy`` would find nothing unless the
+        # package is installed: point it at the copy this process would import, so a test
+        # run from a checkout exercises that checkout.
+        env = {**os.environ, **(self.env or {})}
+        spec = importlib.util.find_spec("dot_proxy")
+        if spec is not None and spec.submodule_search_locations:
+            source = str(Path(next(iter(spec.submodule_search_locations))).parent)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+        return env
 
 
 # --- dnsperf -----------------------------------------------------------------------------------

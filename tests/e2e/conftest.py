@@ -1,8 +1,4 @@
-"""Fixtures that run real DNS software (see ``tests/realdns.py``).
-
-``tests/e2e`` is a package so that pytest puts ``tests/`` on ``sys.path`` and
-``import realdns`` works here and in the test modules.
-"""
+"""Fixtures that run real DNS software (see ``tests/realdns.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +6,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
+
 from tests import realdns
 
 

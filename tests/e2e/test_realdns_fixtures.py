@@ -14,6 +14,7 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
+
 from tests import realdns
 
 # dnspython's default EDNS payload and the DNS Flag Day 2020 size: big.test must exceed it.
@@ -110,6 +111,31 @@ def test_peer_forwards_to_unbound(
 
     assert [rr.to_text() for rr in udp.answer[0]] == [realdns.Zone.aaaa_address(7)]
     assert len(tcp.answer[0]) == realdns.Zone().big_records
+
+
+@pytest.mark.e2e
+def test_dot_proxy_fixture_forwards_to_unbound(
+    start_dot_proxy: Callable[..., realdns.DotProxy],
+) -> None:
+    proxy = start_dot_proxy()
+
+    udp = realdns.udp_query(proxy.port, "h7.test", "A")
+    tcp = realdns.tcp_query(proxy.port, "big.test", "TXT")
+
+    assert [rr.to_text() for rr in udp.answer[0]] == [realdns.Zone.a_address(7)]
+    assert len(tcp.answer[0]) == realdns.Zone().big_records
+    assert proxy.stop() == 0  # the CLI contract: SIGTERM exits 0
+
+
+@pytest.mark.e2e
+def test_unbound_restart_keeps_its_port(pki: realdns.Pki, tmp_path: Path) -> None:
+    with realdns.Unbound(pki, workdir=tmp_path) as server:
+        port, first_pid = server.tls_port, server.pid
+
+        server.restart()
+
+        assert (server.tls_port, server.pid != first_pid) == (port, True)
+        assert realdns.dot_query(port, "h2.test", pki=pki).rcode() == dns.rcode.NOERROR
 
 
 def test_free_port_is_free_for_tcp_and_udp() -> None:

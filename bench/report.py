@@ -1,0 +1,297 @@
+"""The benchmark's results: what was measured, and the table, report and chart made of it."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests import realdns
+
+MIB = 1024 * 1024
+TRANSPORT_COLOURS = {"udp": "tab:blue", "tcp": "tab:orange", "dot": "tab:gray"}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One system under test: where dnsperf sends, and whose CPU and memory we sample."""
+
+    name: str
+    port: int
+    transports: tuple[realdns.DnsperfMode, ...]
+    pid: int
+    command: str
+    config: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRun:
+    target: str
+    transport: str
+    round: int
+    result: realdns.DnsperfResult
+    cpu_us: float
+    rss: int
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyRun:
+    target: str
+    transport: str
+    round: int
+    latencies: tuple[float, ...]
+    lost: int
+    command: str
+
+
+@dataclass(frozen=True, slots=True)
+class Measurements:
+    """Everything one benchmark run produced, for the report."""
+
+    targets: tuple[Target, ...]
+    loads: tuple[LoadRun, ...]
+    latencies: tuple[LatencyRun, ...]
+    configs: tuple[tuple[str, str], ...]  # (file name, text)
+    peak_rss: Mapping[str, int]  # target name -> VmHWM at the end
+    query_count: int
+    # 1-minute load average before and after: a busy shared machine explains noisy rounds.
+    loadavg_before: float
+    loadavg_after: float
+    command_line: str
+    rounds: int
+    clients: int
+    seconds: float
+    latency_qps: int
+    latency_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table: a system over one transport, summarized over the rounds."""
+
+    target: str
+    transport: str
+    qps: float
+    qps_min: float
+    qps_max: float
+    lost: int
+    lost_low_rate: int
+    latency_avg: float
+    p50: float
+    p99: float
+    cpu_us: float
+    peak_rss: int
+    rss_first: int  # after the first max-load run and after the last: is memory flat?
+    rss_last: int
+
+
+def summarize(measured: Measurements) -> list[Row]:
+    targets, loads, latencies = measured.targets, measured.loads, measured.latencies
+    rows = []
+    for target in targets:
+        for transport in target.transports:
+            key = (target.name, transport)
+            mine = [run for run in loads if (run.target, run.transport) == key]
+            low = [run for run in latencies if (run.target, run.transport) == key]
+            lat = sorted(value for run in low for value in run.latencies)
+            qps = [run.result.qps for run in mine]
+            rows.append(
+                Row(
+                    target=target.name,
+                    transport=transport,
+                    qps=statistics.median(qps),
+                    qps_min=min(qps),
+                    qps_max=max(qps),
+                    lost=sum(run.result.queries_lost for run in mine),
+                    lost_low_rate=sum(run.lost for run in low),
+                    latency_avg=statistics.fmean(lat) if lat else float("nan"),
+                    p50=realdns.percentile(lat, 50) if lat else float("nan"),
+                    p99=realdns.percentile(lat, 99) if lat else float("nan"),
+                    cpu_us=statistics.median(run.cpu_us for run in mine),
+                    peak_rss=measured.peak_rss[target.name],
+                    rss_first=mine[0].rss,
+                    rss_last=mine[-1].rss,
+                )
+            )
+    return rows
+
+
+def _ratio(row: Row, rows: Sequence[Row], reference: str) -> str:
+    for other in rows:
+        same_transport = other.transport == row.transport or reference == "limit"
+        if other.target == reference and same_transport:
+            return f"{row.qps / other.qps:.2f}x" if other is not row else "1x"
+    return "-"
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    header = (
+        "| system | transport | queries/s (median) | min-max | lost | latency avg ms "
+        "| p50 ms | p99 ms | CPU µs/query | peak RSS MiB | RSS MiB first-last "
+        "| x stubby | x dnsdist | x limit |"
+    )
+    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+    for row in rows:
+        lost = f"{row.lost}" + (f" (+{row.lost_low_rate} low rate)" if row.lost_low_rate else "")
+        lines.append(
+            f"| {row.target} | {row.transport} | {row.qps:,.0f} | "
+            f"{row.qps_min:,.0f}-{row.qps_max:,.0f} | {lost} | "
+            f"{row.latency_avg * 1e3:.3f} | {row.p50 * 1e3:.3f} | {row.p99 * 1e3:.3f} | "
+            f"{row.cpu_us:.1f} | {row.peak_rss / MIB:.1f} | "
+            f"{row.rss_first / MIB:.1f}-{row.rss_last / MIB:.1f} | "
+            f"{_ratio(row, rows, 'stubby')} | {_ratio(row, rows, 'dnsdist')} | "
+            f"{_ratio(row, rows, 'limit')} |"
+        )
+    return "\n".join(lines)
+
+
+def tool_versions(root: Path) -> dict[str, str]:
+    # dot-proxy runs from this checkout, as in the benchmark itself (not from cwd).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+
+    def first_line(argv: list[str], contains: str = "") -> str:
+        if shutil.which(argv[0]) is None:
+            return "not installed"
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+        lines = (done.stdout + done.stderr).splitlines()
+        return next((line for line in lines if contains in line and line.strip()), "?").strip()
+
+    return {
+        "unbound": first_line(["unbound", "-V"], "Version"),
+        "dnsdist": first_line(["dnsdist", "--version"], "dnsdist"),
+        "stubby": first_line(["stubby", "-V"], "Stubby"),
+        "dnsperf": first_line(["dnsperf", "-h"], "Version"),
+        "dot-proxy": first_line([sys.executable, "-m", "dot_proxy", "--version"], "dot-proxy"),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "OpenSSL (python)": ssl.OPENSSL_VERSION,
+        "kernel": platform.release(),
+        "CPU": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{os.cpu_count()} x {line.split(':', 1)[1].strip()}"
+    return f"{os.cpu_count()} CPUs"
+
+
+def render_markdown(
+    rows: Sequence[Row], measured: Measurements, *, chart: str | None, root: Path
+) -> str:
+    """The report: table, how to read it, versions, commands and configuration files."""
+    m = measured
+    versions = "\n".join(f"- {name}: `{value}`" for name, value in tool_versions(root).items())
+    servers = "\n".join(f"- {t.name}: `{t.command}`" for t in measured.targets)
+    commands = sorted(
+        {run.result.command for run in measured.loads} | {run.command for run in measured.latencies}
+    )
+    config_blocks = "\n\n".join(
+        f"<details><summary>{name}</summary>\n\n```\n{text}```\n</details>"
+        for name, text in measured.configs
+    )
+    image = "" if chart is None else f"\n![throughput and latency]({chart})\n"
+    return f"""# Benchmarks
+
+Generated by `{m.command_line}` on \
+{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. All on loopback: one unbound
+serves the zone `test.` over DoT (trustme certificate for `dns.test`, one thread, no cache
+involved: local data); every system forwards to it over TLS and verifies that certificate.
+Machine load average (1 min) {m.loadavg_before:.2f} before, \
+{m.loadavg_after:.2f} after.
+
+{render_table(rows)}
+{image}
+- **queries/s**: median of {m.rounds} rounds of `dnsperf` at maximum load, {m.clients}
+  clients, {m.seconds:g} s each; min-max over the rounds. Rounds interleave the systems
+  (order rotated each round) so drift on this shared machine hits all alike.
+- **lost**: queries dnsperf gave up on (5 s timeout), summed over the max-load rounds (and,
+  if any, over the low-rate runs).
+- **latency**: at {m.latency_qps} queries/s from one client, {m.latency_seconds:g} s per
+  round, all rounds pooled; p50/p99 are nearest-rank over the per-answer latencies dnsperf
+  prints with `-v` (dnsperf 2.10 has no percentile output). The limit row's latency comes from
+  a Python DoT client on one connection, because dnsperf's `-m dot` with `-Q` reports each
+  answer only when it sends the next query (its latency equals the query interval).
+- **CPU µs/query**: user + system time of the system's process (all threads, from
+  `/proc/PID/stat`) over each max-load run, divided by the answers; median over rounds. For
+  the limit row that process is unbound itself.
+- **peak RSS**: `VmHWM` of the process at the end of the benchmark; **RSS first-last**:
+  `VmRSS` after the first and after the last max-load run on that transport.
+- **x stubby / x dnsdist**: throughput ratio to that peer on the same transport; **x limit**:
+  to dnsperf speaking DoT straight to unbound (dnsperf does not verify the certificate).
+
+## Versions
+
+{versions}
+
+## Commands
+
+Servers:
+
+{servers}
+
+dnsperf (the same command every round; the query file is {m.query_count} lines of A, AAAA,
+TXT and NXDOMAIN names from `tests/realdns.py`):
+
+```
+{chr(10).join(commands)}
+```
+
+## Configuration
+
+{config_blocks}
+"""
+
+
+def write_chart(rows: Sequence[Row], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415 (optional: only needed for the chart)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    labels = [f"{row.target}\n{row.transport}" for row in rows]
+    positions = range(len(rows))
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 1.1), 8))
+    top.bar(
+        positions,
+        [row.qps for row in rows],
+        yerr=[
+            [row.qps - row.qps_min for row in rows],
+            [row.qps_max - row.qps for row in rows],
+        ],
+        capsize=3,
+        color=[TRANSPORT_COLOURS.get(row.transport, "tab:gray") for row in rows],
+    )
+    top.legend(
+        handles=[Patch(color=colour, label=name) for name, colour in TRANSPORT_COLOURS.items()]
+    )
+    top.set_ylabel("queries/s (median, min-max)")
+    top.set_title("Throughput at maximum load")
+    width = 0.4
+    p50 = [row.p50 * 1e3 for row in rows]
+    p99 = [row.p99 * 1e3 for row in rows]
+    bottom.bar([p - width / 2 for p in positions], p50, width, label="p50", color="tab:green")
+    bottom.bar([p + width / 2 for p in positions], p99, width, label="p99", color="tab:red")
+    bottom.set_ylabel("ms")
+    bottom.set_title("Latency at low load")
+    bottom.legend()
+    for axes in (top, bottom):
+        axes.set_xticks(list(positions), labels, fontsize=8)
+        axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,360 @@
+"""Benchmark dot-proxy against stubby, dnsdist and the upstream itself, all on loopback.
+
+    python bench/run_bench.py --seconds 10 --rounds 3 --out docs/benchmarks.md
+
+One unbound serves the test zone over DoT with a trustme certificate. Every system forwards
+to it over TLS, verifying that certificate; dnsperf drives each over UDP and TCP. The runs are
+interleaved in rounds (each round runs every system once, the order rotated), so drift on a
+shared machine hits all systems alike. The report's format is in ``bench/report.py``; see
+issue 3 for what the numbers are for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.realdns, and so the proxy runs from this checkout
+
+import dns.message  # noqa: E402
+from report import (  # noqa: E402
+    LatencyRun,
+    LoadRun,
+    Measurements,
+    Target,
+    render_markdown,
+    render_table,
+    summarize,
+    write_chart,
+)
+
+from tests import realdns  # noqa: E402
+
+SYSTEMS = ("dot-proxy", "dot-proxy-no-reuse", "stubby", "dnsdist", "limit")
+# Debian packages that provide each program the selected systems need.
+PACKAGES = {"unbound": "unbound", "dnsperf": "dnsperf", "stubby": "stubby", "dnsdist": "dnsdist"}
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--seconds", type=float, default=5, help="length of each max-load run (default: 5)")
+    add("--rounds", type=int, default=3, help="rounds over all systems (default: 3)")
+    add("--clients", type=int, default=20, help="dnsperf clients at max load (default: 20)")
+    add("--latency-qps", type=int, default=200, help="rate of the latency runs (default: 200)")
+    add("--latency-seconds", type=float, default=3, help="length of each latency run")
+    add("--warmup", type=float, default=1, help="unrecorded run per system first (seconds)")
+    add(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)",
+    )
+    add("--no-reuse-flag", default="--no-reuse", help="dot-proxy's flag for one TLS per query")
+    add("--proxy-args", default="", help="extra dot-proxy arguments (shell-quoted)")
+    add("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown report")
+    add("--chart", type=Path, help="PNG chart (default: the report's path with .png)")
+    add("--no-chart", action="store_true", help="skip the chart (no matplotlib needed)")
+    add("--workdir", type=Path, help="keep configs and logs here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.chart is None:
+        args.chart = args.out.with_suffix(".png")
+    return args
+
+
+def ensure_tools(systems: Sequence[str]) -> None:
+    """Install the Debian packages the selected systems need, when root; else exit with a hint."""
+    needed = ["unbound", "dnsperf"] + [name for name in ("stubby", "dnsdist") if name in systems]
+    missing = realdns.missing_tools(*needed)
+    if not missing:
+        return
+    packages = [PACKAGES[name] for name in missing]
+    if os.geteuid() != 0:
+        sys.exit(
+            f"missing: {', '.join(missing)}; run: sudo apt-get install -y {' '.join(packages)}"
+        )
+    print(f"installing {' '.join(packages)} with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, check=False).returncode != 0:
+        # A fresh container has no package lists yet.
+        subprocess.run(["apt-get", "update"], env=env, check=True)
+        subprocess.run(install, env=env, check=True)
+    still = realdns.missing_tools(*needed)
+    if still:
+        sys.exit(f"still missing after apt-get: {', '.join(still)}")
+
+
+def ensure_python_modules(want_chart: bool) -> None:
+    """Fail before minutes of measuring, not after, when the chart cannot be drawn."""
+    if want_chart:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            sys.exit("matplotlib is missing: pip install matplotlib (or pass --no-chart)")
+
+
+def start_targets(
+    stack: contextlib.ExitStack,
+    args: argparse.Namespace,
+    pki: realdns.Pki,
+    unbound: realdns.Unbound,
+    workdir: Path,
+) -> list[Target]:
+    """Start every selected system; the stack stops them."""
+    targets = []
+    proxy_args = shlex.split(args.proxy_args)
+    for name in args.systems:
+        if name == "limit":
+            targets.append(
+                Target(
+                    "limit",
+                    unbound.tls_port,
+                    ("dot",),
+                    unbound.pid,
+                    unbound.command,
+                    (unbound.config_file,),
+                )
+            )
+            continue
+        server: realdns.DotProxy | realdns.Stubby | realdns.Dnsdist
+        if name == "stubby":
+            server = realdns.Stubby(pki, unbound.tls_port, workdir=workdir / name)
+            config: tuple[Path, ...] = (server.config_file,)
+        elif name == "dnsdist":
+            server = realdns.Dnsdist(pki, unbound.tls_port, workdir=workdir / name)
+            config = (server.config_file,)
+        else:
+            extra = [*proxy_args, args.no_reuse_flag] if name.endswith("no-reuse") else proxy_args
+            server = realdns.DotProxy(
+                pki, unbound.upstream_spec, extra_args=extra, workdir=workdir / name
+            )
+            config = ()
+        stack.enter_context(server)
+        targets.append(
+            Target(name, server.port, ("udp", "tcp"), server.pid, server.command, config)
+        )
+        print(f"started {name} on port {server.port}: {server.command}", flush=True)
+    return targets
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def load_run(
+    target: Target,
+    transport: realdns.DnsperfMode,
+    round_: int,
+    queries: Path,
+    args: argparse.Namespace,
+) -> LoadRun:
+    before = realdns.sample_process(target.pid)
+    result = realdns.run_dnsperf(
+        target.port, queries, mode=transport, clients=args.clients, seconds=args.seconds
+    )
+    after = realdns.sample_process(target.pid)
+    cpu = realdns.cpu_us_per_query(before, after, result.queries_completed)
+    return LoadRun(target.name, transport, round_, result, cpu, after.rss_bytes)
+
+
+def latency_run(
+    target: Target,
+    transport: realdns.DnsperfMode,
+    round_: int,
+    queries: Path,
+    pki: realdns.Pki,
+    args: argparse.Namespace,
+) -> LatencyRun:
+    if transport == "dot":
+        # dnsperf's DoT mode, paced with -Q, reports each answer only when it sends the next
+        # query (latency == the gap between queries: 5 ms at 200/s, 1 ms at 1000/s, against
+        # unbound answering in ~0.15 ms). So the limit row's latency comes from our own client.
+        latencies = dot_latencies(target.port, pki, queries, args.latency_qps, args.latency_seconds)
+        command = (
+            f"(python DoT client: 1 TLS connection, TCP_NODELAY, {args.latency_qps} q/s, "
+            f"{args.latency_seconds:g} s, to 127.0.0.1:{target.port})"
+        )
+        return LatencyRun(target.name, transport, round_, latencies, 0, command)
+    result = realdns.run_dnsperf(
+        target.port,
+        queries,
+        mode=transport,
+        clients=1,
+        seconds=args.latency_seconds,
+        max_qps=args.latency_qps,
+        percentiles=True,
+    )
+    return LatencyRun(
+        target.name, transport, round_, result.latencies, result.queries_lost, result.command
+    )
+
+
+def dot_latencies(
+    port: int, pki: realdns.Pki, queries: Path, rate: int, seconds: float
+) -> tuple[float, ...]:
+    """Query one DoT server at a steady rate over one connection; return sorted latencies."""
+    questions = [line.split() for line in queries.read_text().splitlines()[: rate * 10]]
+    wires = [dns.message.make_query(name, rdtype).to_wire() for name, rdtype in questions]
+    latencies = []
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with pki.client_context().wrap_socket(raw, server_hostname=pki.auth_name) as conn:
+        _exchange(conn, wires[0])  # the first answer pays for the handshake: not counted
+        start = time.perf_counter()
+        for index in range(int(rate * seconds)):
+            _sleep_until(start + index / rate)
+            sent = time.perf_counter()
+            _exchange(conn, wires[index % len(wires)])
+            latencies.append(time.perf_counter() - sent)
+    return tuple(sorted(latencies))
+
+
+def _exchange(conn: ssl.SSLSocket, wire: bytes) -> bytes:
+    conn.sendall(struct.pack("!H", len(wire)) + wire)
+    (length,) = struct.unpack("!H", _recv_exactly(conn, 2))
+    return _recv_exactly(conn, length)
+
+
+def _recv_exactly(conn: ssl.SSLSocket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        data += chunk
+    return data
+
+
+def _sleep_until(moment: float) -> None:
+    delay = moment - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def run_rounds(
+    targets: Sequence[Target], queries: Path, pki: realdns.Pki, args: argparse.Namespace
+) -> tuple[list[LoadRun], list[LatencyRun]]:
+    loads: list[LoadRun] = []
+    latencies: list[LatencyRun] = []
+    for round_ in range(1, args.rounds + 1):
+        shift = (round_ - 1) % len(targets)
+        order = [*targets[shift:], *targets[:shift]]  # rotated: no system always goes first
+        for target in order:
+            for transport in target.transports:
+                load = load_run(target, transport, round_, queries, args)
+                loads.append(load)
+                latencies.append(latency_run(target, transport, round_, queries, pki, args))
+                print(
+                    f"round {round_}: {target.name:<18} {transport}: "
+                    f"{load.result.qps:9.0f} q/s, lost {load.result.queries_lost}, "
+                    f"{load.cpu_us:6.1f} µs CPU/query",
+                    flush=True,
+                )
+    return loads, latencies
+
+
+def warm_up(targets: Sequence[Target], queries: Path, args: argparse.Namespace) -> None:
+    """Fill pools and caches of code before anything is recorded."""
+    if args.warmup <= 0:
+        return
+    for target in targets:
+        for transport in target.transports:
+            realdns.run_dnsperf(
+                target.port, queries, mode=transport, clients=args.clients, seconds=args.warmup
+            )
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _workdir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="dot-proxy-bench-") as name:
+        yield Path(name)
+
+
+def estimate_seconds(args: argparse.Namespace) -> float:
+    runs = sum(1 if name == "limit" else 2 for name in args.systems)
+    per_run = args.seconds + args.latency_seconds + 0.5
+    return float(runs * (args.rounds * per_run + args.warmup))
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> Measurements:
+    """Start unbound and the systems, run the rounds, stop them all."""
+    with contextlib.ExitStack() as stack:
+        pki = realdns.make_pki(workdir / "pki")
+        queries = realdns.write_queries(workdir / "queries.txt")
+        unbound = stack.enter_context(realdns.Unbound(pki, workdir=workdir / "unbound"))
+        print(f"started unbound, DoT on port {unbound.tls_port}", flush=True)
+        targets = start_targets(stack, args, pki, unbound, workdir)
+        loadavg_before = os.getloadavg()[0]
+        if loadavg_before > (os.cpu_count() or 1) / 2:
+            # Everything here shares the CPUs with whatever else runs: throughput will swing.
+            print(f"warning: load average {loadavg_before:.1f} before starting", flush=True)
+        warm_up(targets, queries, args)
+        loads, latencies = run_rounds(targets, queries, pki, args)
+        configs = (unbound.config_file, *(path for t in targets for path in t.config))
+        return Measurements(
+            targets=tuple(targets),
+            loads=tuple(loads),
+            latencies=tuple(latencies),
+            configs=tuple((path.name, path.read_text()) for path in configs),
+            peak_rss={t.name: realdns.peak_rss_bytes(t.pid) for t in targets},
+            query_count=len(queries.read_text().splitlines()),
+            loadavg_before=loadavg_before,
+            loadavg_after=os.getloadavg()[0],
+            command_line=shlex.join(["python", "bench/run_bench.py", *args.argv]),
+            rounds=args.rounds,
+            clients=args.clients,
+            seconds=args.seconds,
+            latency_qps=args.latency_qps,
+            latency_seconds=args.latency_seconds,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    ensure_tools(args.systems)
+    ensure_python_modules(not args.no_chart)
+    print(f"about {estimate_seconds(args):.0f} s of measuring", flush=True)
+    with _workdir(args.workdir) as workdir:
+        measured = measure(args, workdir)
+    rows = summarize(measured)
+    print()
+    print(render_table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    chart = None if args.no_chart else os.path.relpath(args.chart, args.out.parent)
+    args.out.write_text(render_markdown(rows, measured, chart=chart, root=ROOT))
+    print(f"\nwrote {args.out}")
+    if not args.no_chart:
+        write_chart(rows, args.chart)
+        print(f"wrote {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
