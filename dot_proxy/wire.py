@@ -303,7 +303,7 @@ class FrameDecoder:
 
     @property
     def in_frame(self) -> bool:
-        """Whether part of a message has arrived and the rest has not."""
+        """Whether bytes are waiting that :meth:`next_message` has not returned yet."""
         return self.buffered > 0
 
 
