@@ -56,6 +56,10 @@ _OPT_FIXED: Final = 11
 _RDLENGTH_AT: Final = 9
 _OPTION_HEADER = struct.Struct("!HH")  # OPTION-CODE, OPTION-LENGTH (RFC 6891 §6.1.2)
 _PADDING_CODE: Final = OPTION_PADDING.to_bytes(2, "big")
+# QDCOUNT 1, ANCOUNT, NSCOUNT and ARCOUNT 0.
+_ONE_QUESTION_ONLY: Final = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+# The OPT record we add: root owner, TYPE 41, our UDP payload size, TTL 0 (no flags).
+_ADDED_OPT_FIXED: Final = b"\x00" + struct.pack("!HHI", TYPE_OPT, OUR_UDP_PAYLOAD, 0)
 _ARCOUNT_AT: Final = 10
 
 
@@ -86,6 +90,20 @@ def pad_query(message: bytes, *, block: int = QUERY_BLOCK) -> tuple[bytes, bool]
     """
     if not 1 <= block <= MAX_MESSAGE_SIZE:
         raise ValueError(f"padding block must be 1..{MAX_MESSAGE_SIZE}, not {block}")
+    if message[4:12] == _ONE_QUESTION_ONLY:
+        # The common query, one question and no records (what most stubs and dnsperf send):
+        # no record to walk, so add the OPT record directly. Same bytes as the general path.
+        end = _question_end(message, HEADER_SIZE)
+        pad = -(end + _OPT_FIXED + _OPTION_HEADER.size) % block
+        return (
+            message[:10]
+            + b"\x00\x01"
+            + message[HEADER_SIZE:end]
+            + _ADDED_OPT_FIXED
+            + (_OPTION_HEADER.size + pad).to_bytes(2, "big")
+            + _OPTION_HEADER.pack(OPTION_PADDING, pad)
+            + bytes(pad)
+        ), True
     layout = _layout(message)
     if layout.signed:
         return message, False

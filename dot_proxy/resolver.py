@@ -117,6 +117,8 @@ class Resolver:
         last SERVFAIL/REFUSED answer is returned if there was one, otherwise the last
         :class:`UpstreamError` is raised.
         """
+        if len(self._upstreams) == 1:
+            return await self._resolve_alone(message, question_key)
         self._turn += 1
         race = _Attempts(
             message,
@@ -141,6 +143,25 @@ class Resolver:
         if race.fallback is not None:
             return race.fallback
         raise race.error or UpstreamError("no upstream answered")
+
+    async def _resolve_alone(self, message: bytes, question_key: bytes) -> bytes:
+        # One upstream: nothing to order, race or hedge, so none of that per-query work. The
+        # upstream's health is still kept, for its logs and for the background probe.
+        started = trio.current_time()
+        try:
+            answer = await self._upstreams[0].query(message, question_key)
+        except UpstreamError:
+            self._failed(0, trio.current_time(), timeout=False)
+            raise
+        except trio.Cancelled:
+            self._failed(0, trio.current_time(), timeout=True)
+            raise
+        if answer[3] & 0x0F in SOFT_FAILURES:
+            self.health[0].record_soft_failure()
+        else:
+            now = trio.current_time()
+            self.health[0].record_answer(now, now - started)
+        return answer
 
     async def _attempt(self, index: int, race: _Attempts) -> bytes | None:
         """Ask one upstream; the answer if it is the race's winner, else None."""
@@ -167,7 +188,8 @@ class Resolver:
             health.record_soft_failure()
             race.fallback = answer
             return None
-        health.record_answer(trio.current_time(), trio.current_time() - started)
+        now = trio.current_time()
+        health.record_answer(now, now - started)
         if race.answer is None:
             race.answer = answer
         return race.answer
