@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import dns.message
 import dns.rrset
+import pytest
 import trio
+import trio.testing
 import trustme
 
-from dot_proxy.wire import NEED_DATA, FrameDecoder, frame
+from dot_proxy.config import Config, parse_upstream
+from dot_proxy.upstream import Upstream, open_upstreams
+from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, parse_query
 
 AUTH_NAME = "dns.test"
 
@@ -46,6 +52,7 @@ class UpstreamConnection:
             message = self.decoder.next_message()
             if message is not NEED_DATA:
                 self.upstream.queries.append(message)
+                self.upstream.query_arrived.unpark_all()
                 return message
             try:
                 data = await self.stream.receive_some(65536)
@@ -82,12 +89,18 @@ class FakeUpstream:
         self.connections = 0
         self.handshakes = 0
         self.port = 0
+        self.query_arrived = trio.lowlevel.ParkingLot()
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert(*names).configure_cert(self._context)
 
     @property
     def spec(self) -> str:
         return f"127.0.0.1:{self.port}#{AUTH_NAME}"
+
+    async def wait_for_queries(self, count: int) -> None:
+        """Return once the fake has received at least ``count`` queries in all."""
+        while len(self.queries) < count:
+            await self.query_arrived.park()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -110,3 +123,293 @@ class FakeUpstream:
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+
+# --- Behaviours and answers for the server tests (tests/test_server_*.py) -----------------------
+
+
+def txt_answer_for(query_wire: bytes, size: int) -> bytes:
+    """A NOERROR answer to ``query_wire`` made of TXT records, exactly ``size`` bytes long
+    when that is at least 14 bytes more than the empty answer (and no more than 65,535)."""
+    query = dns.message.from_wire(query_wire)
+    # pad=0: no RFC 8467 response padding even to a padded query, so the size is exact.
+    response = dns.message.make_response(query, pad=0)
+    room = size - len(response.to_wire(max_size=65535))
+    texts: list[str] = []
+    while room >= 14:
+        # A compressed owner, type, class, TTL, rdlength and the string's length byte: 13.
+        length = min(255, room - 13)
+        if 0 < room - 13 - length < 14:
+            length = room - 13 - 14  # leave room for one more record: the size is then exact
+        texts.append('"' + (f"{len(texts):04d}" + "x" * 255)[:length] + '"')
+        room -= 13 + length
+    if texts:
+        name = query.question[0].name
+        response.answer = [dns.rrset.from_text_list(name, 300, "IN", "TXT", texts)]
+    wire: bytes = response.to_wire(max_size=65535)
+    return wire
+
+
+def answering(make: Callable[[bytes], bytes]) -> Behaviour:
+    """A behaviour that answers every query at once with ``make(query)``."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        while (query := await connection.receive_query()) is not None:
+            await connection.send(make(query))
+
+    return behaviour
+
+
+async def hang(connection: UpstreamConnection) -> None:
+    """Read queries and never answer them."""
+    while await connection.receive_query() is not None:
+        pass
+
+
+def answer_after(delay: float, make: Callable[[bytes], bytes] = answer_for) -> Behaviour:
+    """Answer each query ``delay`` seconds after it arrived, each on its own timer."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        lock = trio.Lock()  # one SSLStream, many answering tasks: one send_all at a time
+
+        async def answer_later(query: bytes) -> None:
+            await trio.sleep(delay)
+            try:
+                async with lock:
+                    await connection.send(make(query))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            while (query := await connection.receive_query()) is not None:
+                nursery.start_soon(answer_later, query)
+
+    return behaviour
+
+
+def answer_in_reverse(batch: int) -> Behaviour:
+    """Collect ``batch`` queries, then answer them last first (RFC 7766 §7 allows any order)."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        while True:
+            queries = []
+            while len(queries) < batch:
+                query = await connection.receive_query()
+                if query is None:
+                    return
+                queries.append(query)
+            await connection.stream.send_all(
+                b"".join(frame(answer_for(query)) for query in reversed(queries))
+            )
+
+    return behaviour
+
+
+def close_mid_frame(*, times: int) -> Behaviour:
+    """On the first ``times`` connections, send half of the first answer and close; answer
+    normally on later ones."""
+    cut = 0
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        nonlocal cut
+        if cut >= times:
+            await answer_all(connection)
+            return
+        cut += 1
+        query = await connection.receive_query()
+        if query is not None:
+            framed = frame(answer_for(query))
+            await connection.stream.send_all(framed[: len(framed) // 2])
+
+    return behaviour
+
+
+def spoiled_first(spoil: Callable[[bytes], bytes], *, then_answer: bool) -> Behaviour:
+    """Send ``spoil(query)`` first; then the right answer, or nothing (``then_answer=False``)."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        while (query := await connection.receive_query()) is not None:
+            await connection.send(spoil(query))
+            if then_answer:
+                await connection.send(answer_for(query))
+
+    return behaviour
+
+
+def answer_anything(query_wire: bytes) -> bytes:
+    """An answer to any query the proxy passes on, even one dnspython cannot read: the
+    query echoed with QR set and SERVFAIL, when ``answer_for`` fails."""
+    try:
+        return answer_for(query_wire)
+    except Exception:
+        flags = bytes([query_wire[2] | 0x80, (query_wire[3] & 0xF0) | 2])
+        return query_wire[:2] + flags + query_wire[4:]
+
+
+# --- Behaviours for the upstream pool tests (tests/test_upstream_*.py) --------------------------
+
+
+class PerConnection:
+    """The n-th connection gets the n-th behaviour; later ones get ``then``.
+
+    ``ended`` holds the (trio) time at which each connection's behaviour returned: for
+    ``answer_all`` that is when the client closed the connection.
+    """
+
+    def __init__(self, *behaviours: Behaviour, then: Behaviour = answer_all) -> None:
+        self.behaviours = behaviours
+        self.then = then
+        self.started = 0
+        self.ended: list[float] = []
+
+    async def __call__(self, connection: UpstreamConnection) -> None:
+        index = self.started
+        self.started += 1
+        behaviour = self.behaviours[index] if index < len(self.behaviours) else self.then
+        await behaviour(connection)
+        self.ended.append(trio.current_time())
+
+
+class Held:
+    """Keep every query unanswered until the test releases it with :meth:`release`."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[UpstreamConnection, bytes]] = []
+
+    async def __call__(self, connection: UpstreamConnection) -> None:
+        while (query := await connection.receive_query()) is not None:
+            self.held.append((connection, query))
+
+    async def release(self, count: int | None = None) -> None:
+        """Answer the ``count`` oldest held queries (all when None), oldest first."""
+        count = len(self.held) if count is None else count
+        batch, self.held = self.held[:count], self.held[count:]
+        for connection, query in batch:
+            await connection.send(answer_for(query))
+
+
+def answer_then_hang(count: int) -> Behaviour:
+    """Answer ``count`` queries, then go stale: read the rest, never answer, never close."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        for _ in range(count):
+            query = await connection.receive_query()
+            if query is None:
+                return
+            await connection.send(answer_for(query))
+        await hang(connection)
+
+    return behaviour
+
+
+def answer_then_close(count: int) -> Behaviour:
+    """Answer ``count`` queries, then close the connection."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        for _ in range(count):
+            query = await connection.receive_query()
+            if query is None:
+                return
+            await connection.send(answer_for(query))
+
+    return behaviour
+
+
+def close_after(count: int) -> Behaviour:
+    """Read ``count`` queries without answering any, then close the connection."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        for _ in range(count):
+            if await connection.receive_query() is None:
+                return
+
+    return behaviour
+
+
+def garbage_after(count: int, garbage: bytes = b"junk") -> Behaviour:
+    """Read ``count`` queries, then send ``garbage`` in a frame of its own and keep reading."""
+
+    async def behaviour(connection: UpstreamConnection) -> None:
+        for _ in range(count):
+            if await connection.receive_query() is None:
+                return
+        await connection.send(garbage)
+        await hang(connection)
+
+    return behaviour
+
+
+async def answer_twice(connection: UpstreamConnection) -> None:
+    """Answer every query twice (a duplicate the client must drop)."""
+    while (query := await connection.receive_query()) is not None:
+        await connection.send(answer_for(query))
+        await connection.send(answer_for(query))
+
+
+# --- Driving the upstream pool directly (tests/test_upstream_*.py) ------------------------------
+
+
+def open_pool(
+    fake: FakeUpstream, ca_file: str, **options: Any
+) -> AbstractAsyncContextManager[list[Upstream]]:
+    """The pool for ``fake`` alone, no server: ``async with open_pool(fake, ca) as [upstream]``."""
+    config = Config(upstreams=(parse_upstream(fake.spec),), ca_file=ca_file, **options)
+    return open_upstreams(config)
+
+
+async def ask(
+    upstream: Upstream, name: str, rdtype: str = "A", *, msg_id: int | None = None
+) -> dns.message.Message:
+    """One query through ``upstream.query``; the answer parsed (its ID is the wire ID).
+
+    No deadline of its own but a guard: a pool that broke fails the test instead of hanging it.
+    """
+    request = dns.message.make_query(name, rdtype)
+    if msg_id is not None:
+        request.id = msg_id
+    wire = request.to_wire()
+    with trio.fail_after(60):
+        answer = await upstream.query(wire, parse_query(wire).question_key)
+    return dns.message.from_wire(answer)
+
+
+def patient_clock() -> trio.testing.MockClock:
+    """Virtual time for tests over loopback sockets.
+
+    Like pytest-trio's ``autojump_clock``, but the clock jumps to the next deadline only after
+    every task has been blocked for 10 ms of real time, not at once: on a busy machine bytes
+    written to loopback can take a moment to become readable, and a clock that jumps in that
+    moment would fire timeouts no real upstream caused. Virtual time still never moves while a
+    task runs, so timings measured with ``trio.current_time()`` stay exact.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+async def eventually(predicate: Callable[[], bool], *, within: float = 30.0) -> None:
+    """Wait (in virtual time, polling every millisecond) until ``predicate()`` holds."""
+    with trio.fail_after(within):
+        # Polling is the point: the predicates look at state that has no event to wait on.
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.001)
+
+
+@dataclass(frozen=True)
+class TlsWrite:
+    """One ``SSLStream.send_all`` call: which task made it, on which side, how many bytes."""
+
+    task: trio.lowlevel.Task
+    server_side: bool
+    size: int
+
+
+def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
+    """Record every ``trio.SSLStream.send_all`` call made from now on in this test."""
+    writes: list[TlsWrite] = []
+    original = trio.SSLStream.send_all
+
+    async def send_all(self: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> None:
+        writes.append(TlsWrite(trio.lowlevel.current_task(), bool(self.server_side), len(data)))
+        await original(self, data)
+
+    monkeypatch.setattr(trio.SSLStream, "send_all", send_all)
+    return writes
