@@ -124,18 +124,22 @@ def test_the_survivor_takes_over_when_the_first_unbound_stops_under_load(
             done.set()
             prober.join(timeout=PROXY_TIMEOUT + 5)
         assert not loader.is_alive(), "dnsperf did not finish"
-        if "error" in outcome:
-            raise AssertionError("dnsperf failed") from outcome["error"]  # type: ignore[arg-type]
+        error = outcome.get("error")
+        if isinstance(error, BaseException):
+            raise AssertionError("dnsperf failed") from error
         result = outcome["result"]
         assert isinstance(result, realdns.DnsperfResult)
         second_after = queries_seen(second)
+        proxy_log = proxy.log_text()
 
     late = [p for p in probes if p.sent >= stopped_at + FAILOVER_WITHIN]
+    slow = [p for p in late if p.latency is None or p.latency > PROMPT]
     print(  # shown when the test fails
         f"dnsperf: {result}\nfirst unbound before the stop: {first_before}; second: "
         f"{second_before} before, {second_at_one_second} a second after the stop, "
-        f"{second_after} at the end\nprobes: {len(probes)}, slowest after the failover: "
-        f"{max((p.latency or float('inf') for p in late), default=None)}"
+        f"{second_after} at the end\nprobes: {len(probes)}, {len(late)} sent a second or "
+        f"more after the stop, slow ones: {[(p.sent - stopped_at, p.latency) for p in slow]}"
+        f"\nproxy log:\n{proxy_log[-2000:]}"
     )
 
     # Every query answered: none lost, and only answers a resolver gives (the zone's NOERROR
@@ -158,10 +162,9 @@ def test_the_survivor_takes_over_when_the_first_unbound_stops_under_load(
 
     # The probe client, one query every 20 ms, saw at most a blip: every probe answered
     # NOERROR, and every probe sent a second or more after the stop answered promptly.
-    assert len(probes) > 100
+    assert len(probes) > 50
     assert all(p.rcode == dns.rcode.NOERROR for p in probes), [
         p for p in probes if p.rcode != dns.rcode.NOERROR
     ]
     assert len(late) > 20
-    slow = [p for p in late if p.latency is None or p.latency > PROMPT]
     assert not slow, slow
