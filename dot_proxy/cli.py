@@ -7,6 +7,7 @@ the program with one line on stderr naming the flag, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import os
 import pwd
@@ -269,6 +270,10 @@ def _drop_privileges(user: str) -> None:
         return
     if os.geteuid() != 0:
         raise ConfigError(f"--user: only root can become {user!r}; start as root or drop --user")
+    # Codecs load on first use, from the Python installation, which the new user may not be
+    # allowed to read (a Python under /root): the socket module encodes every host name it
+    # dials with "idna", so load that codec now, while still root.
+    codecs.lookup("idna")
     os.setgroups([])
     os.setgid(record.pw_gid)
     os.setuid(record.pw_uid)

@@ -46,6 +46,7 @@ class Health:
     answers: int = 0
     failures: int = 0
     soft_failures: int = 0
+    lost_races: int = 0
     _samples: list[float] = field(default_factory=list)
     _next_sample: int = 0
     _p95: float | None = None
@@ -70,6 +71,18 @@ class Health:
         """The upstream answered SERVFAIL or REFUSED: alive, but this answer is not kept."""
         self.soft_failures += 1
 
+    def record_lost_race(self, now: float) -> None:
+        """A hedge answered before this upstream, which was asked first.
+
+        Not a failure (it may answer yet), but as telling as a timeout: a run of them marks a
+        wedged upstream down, which hedging would otherwise hide forever at the cost of the
+        hedge budget on every query.
+        """
+        self.lost_races += 1
+        self.consecutive_timeouts += 1
+        if self.consecutive_timeouts >= TIMEOUTS_TO_DOWN:
+            self._mark_down(now)
+
     def record_failure(self, now: float, *, timeout: bool = False) -> None:
         """The upstream failed a query: refused, TLS failure, broken connection, or timeout."""
         self.failures += 1
@@ -79,6 +92,10 @@ class Health:
             self.consecutive_timeouts += 1
             if self.consecutive_timeouts < TIMEOUTS_TO_DOWN:
                 return
+        self._mark_down(now)
+
+    def _mark_down(self, now: float) -> None:
+        self.last_failure = now
         self.backoff = BACKOFF_FIRST if not self.down else min(BACKOFF_CAP, self.backoff * 2)
         self.down = True
         self.next_probe = now + self.backoff

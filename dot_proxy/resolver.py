@@ -171,6 +171,12 @@ class Resolver:
         try:
             answer = await self._upstreams[index].query(race.message, race.key, race)
         except RaceLost:
+            if index == race.order[0]:
+                # The hedged-against upstream was slower than its budget and than another.
+                was_down = health.down
+                health.record_lost_race(trio.current_time())
+                if health.down and not was_down:
+                    self._log_down(index)
             return race.answer
         except UpstreamError as exc:
             log.debug("%s", exc)
@@ -199,11 +205,14 @@ class Resolver:
         was_down = health.down
         health.record_failure(now, timeout=timeout)
         if health.down and not was_down:
-            log.warning(
-                "%s is down; probing it again in %g s",
-                self._upstreams[index].spec.label,
-                health.backoff,
-            )
+            self._log_down(index)
+
+    def _log_down(self, index: int) -> None:
+        log.warning(
+            "%s is down; probing it again in %g s",
+            self._upstreams[index].spec.label,
+            self.health[index].backoff,
+        )
 
     # --- hedging ---------------------------------------------------------------------------
 

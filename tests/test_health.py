@@ -322,3 +322,23 @@ def test_healthy_before_down_and_down_by_last_failure(
     assert sorted(ranking[: len(healthy)]) == healthy
     tail = [health[i].last_failure for i in ranking[len(healthy) :]]
     assert tail == sorted(tail)
+
+
+def test_lost_races_mark_a_wedged_upstream_down_without_counting_failures() -> None:
+    health = Health()
+    for count in range(1, TIMEOUTS_TO_DOWN):
+        health.record_lost_race(float(count))
+        assert not health.down
+    health.record_lost_race(10.0)
+    assert health.down
+    assert health.next_probe == 10.0 + BACKOFF_FIRST
+    assert health.failures == 0
+    assert health.lost_races == TIMEOUTS_TO_DOWN
+
+
+def test_an_answer_between_lost_races_keeps_the_upstream_up() -> None:
+    health = Health()
+    for now in range(10):
+        health.record_lost_race(float(now))
+        health.record_answer(float(now), 0.01)
+    assert not health.down

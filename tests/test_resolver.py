@@ -26,6 +26,7 @@ import trustme
 
 import dot_proxy.server
 from dot_proxy.config import Config, parse_upstream
+from dot_proxy.health import TIMEOUTS_TO_DOWN
 from dot_proxy.resolver import HEDGE_FLOOR, PROBE_INTERVAL, Resolver
 from dot_proxy.upstream import Race
 from tests.clients import query, udp_exchange
@@ -471,7 +472,9 @@ async def test_hedge_after_decides_when_the_second_upstream_is_asked_too(
     for index in range(8 if answered_by == B else 1):
         answer, elapsed = await ask(proxy, f"slow{index}")
         assert address(answer) == answered_by
-        assert took(elapsed, answer_at)
+        # Three races lost in a row mark the first down (as three timeouts would): from
+        # then on queries go straight to the second until a probe finds the first again.
+        assert took(elapsed, answer_at if index < TIMEOUTS_TO_DOWN else 0.0)
     if answered_by == A:
         assert second.connections == 0
     assert proxy.stats.servfail == 0
@@ -564,7 +567,7 @@ async def test_a_hanging_tls_handshake_is_hedged_not_waited_out(
     for index in range(8):
         answer, elapsed = await ask(proxy, f"tls{index}")
         assert address(answer) == B
-        assert took(elapsed, HEDGE_FLOOR)
+        assert took(elapsed, HEDGE_FLOOR if index < TIMEOUTS_TO_DOWN else 0.0)
     assert first.connections >= 1
     assert trio.current_time() - started < connect_timeout
 
@@ -593,11 +596,6 @@ async def test_a_query_waiting_for_room_on_a_hung_upstream_is_answered_by_the_he
     assert proxy.stats.servfail == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not implemented: an attempt abandoned because its hedge won is not counted "
-    "against its upstream, so a hung upstream stays healthy and first in line for ever",
-)
 async def test_a_hung_first_upstream_stops_costing_every_query_the_hedge_budget(
     clock: trio.testing.MockClock, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
