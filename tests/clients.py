@@ -68,3 +68,32 @@ async def tcp_exchange(port: int, data: bytes, *, host: str = "127.0.0.1") -> by
         return await client.receive()
     finally:
         await client.aclose()
+
+
+async def receive_until_closed(client: TcpClient) -> list[bytes]:
+    """Every answer still to come on ``client``, read until the proxy closes the connection
+    (a reset counts as closed too)."""
+    answers = []
+    while True:
+        try:
+            answer = await client.receive()
+        except trio.BrokenResourceError:
+            return answers
+        if answer is None:
+            return answers
+        answers.append(answer)
+
+
+async def udp_receive_answer(
+    sock: trio.socket.SocketType, request: dns.message.Message
+) -> dns.message.Message:
+    """Read datagrams from ``sock`` until the answer to ``request`` (same ID and question)
+    arrives, skipping answers to anything else sent from the same socket."""
+    while True:
+        data = await sock.recv(65535)
+        try:
+            answer = dns.message.from_wire(data)
+        except Exception:
+            continue
+        if answer.id == request.id and answer.question == request.question:
+            return answer

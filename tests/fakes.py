@@ -413,3 +413,18 @@ def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
 
     monkeypatch.setattr(trio.SSLStream, "send_all", send_all)
     return writes
+
+
+@pytest.fixture
+async def hang_guard(nursery: trio.Nursery) -> None:
+    """Fail a test that would wait forever (for a reply that never comes) instead of hanging
+    the run: after 60 s of real time, or 1,000 s of virtual time under a MockClock (which
+    jumps there at once when nothing else is due). Use with ``pytest.mark.usefixtures``."""
+    virtual = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+    limit = 1000.0 if virtual else 60.0
+
+    async def guard() -> None:
+        await trio.sleep(limit)
+        raise AssertionError(f"the test was still waiting after {limit:g} s: it hung")
+
+    nursery.start_soon(guard)

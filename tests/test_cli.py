@@ -1,0 +1,406 @@
+"""The command line: flags, DOT_PROXY_* variables, defaults, errors, signals."""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import pytest
+
+from dot_proxy import cli, server
+from dot_proxy.cli import build_config
+from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+# Bounds a broken run only; a healthy one takes a fraction of a second. Not a speed assertion.
+HANG_GUARD = 60.0
+
+
+# --- build_config ------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = build_config([], {})
+    assert config.upstreams == (
+        UpstreamSpec("1.1.1.1", 853, "cloudflare-dns.com"),
+        UpstreamSpec("1.0.0.1", 853, "cloudflare-dns.com"),
+    )
+    assert config.listen == ("0.0.0.0", "::")
+    assert config.port == 53
+    assert config.ca_file is None
+    assert config.timeout == 5.0
+    assert config.log_level == "INFO"
+    assert config.tcp_idle_timeout == 10.0
+    assert config.reuse is True
+
+
+FLAG_ENV_DEFAULT = [
+    # flag, flag value, variable value, attribute, from flag, from variable, default
+    ("--port", "5353", "5300", "port", 5353, 5300, 53),
+    ("--timeout", "2.5", "7", "timeout", 2.5, 7.0, 5.0),
+    ("--log-level", "debug", "warning", "log_level", "DEBUG", "WARNING", "INFO"),
+    ("--tcp-idle-timeout", "3", "4.5", "tcp_idle_timeout", 3.0, 4.5, 10.0),
+    ("--max-connections", "2", "3", "max_connections", 2, 3, 4),
+    ("--max-pipeline", "10", "20", "max_pipeline", 10, 20, 128),
+    ("--upstream-idle-timeout", "1", "2", "upstream_idle_timeout", 1.0, 2.0, 10.0),
+    ("--max-in-flight", "7", "9", "max_in_flight", 7, 9, 2000),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "flag_value", "env_value", "attribute", "from_flag", "from_env", "default"),
+    FLAG_ENV_DEFAULT,
+)
+def test_flag_beats_environment_beats_default(
+    flag: str,
+    flag_value: str,
+    env_value: str,
+    attribute: str,
+    from_flag: object,
+    from_env: object,
+    default: object,
+) -> None:
+    variable = "DOT_PROXY_" + flag[2:].replace("-", "_").upper()
+    assert getattr(build_config([], {}), attribute) == default
+    assert getattr(build_config([], {variable: env_value}), attribute) == from_env
+    assert getattr(build_config([flag, flag_value], {variable: env_value}), attribute) == from_flag
+    assert getattr(build_config([flag, flag_value], {}), attribute) == from_flag
+    # An empty or blank variable counts as unset.
+    assert getattr(build_config([], {variable: "  "}), attribute) == default
+
+
+def test_ca_file_from_flag_or_environment(ca_file: str, tmp_path: Path) -> None:
+    other = tmp_path / "other.pem"
+    other.write_bytes(Path(ca_file).read_bytes())
+    assert build_config([], {"DOT_PROXY_CA_FILE": ca_file}).ca_file == ca_file
+    assert build_config(["--ca-file", str(other)], {"DOT_PROXY_CA_FILE": ca_file}).ca_file == str(
+        other
+    )
+
+
+def test_no_reuse_from_flag_or_environment() -> None:
+    assert build_config(["--no-reuse"], {}).reuse is False
+    assert build_config([], {"DOT_PROXY_NO_REUSE": "true"}).reuse is False
+    assert build_config([], {"DOT_PROXY_NO_REUSE": "0"}).reuse is True
+    assert build_config(["--no-reuse"], {"DOT_PROXY_NO_REUSE": "false"}).reuse is False
+
+
+def test_repeatable_flags_keep_their_order() -> None:
+    config = build_config(
+        [
+            "--upstream", "192.0.2.1#one.test",
+            "--upstream", "192.0.2.2:8853#two.test",
+            "--listen", "127.0.0.1",
+            "--listen", "::1",
+        ],
+        {"DOT_PROXY_UPSTREAM": "192.0.2.9#ignored.test", "DOT_PROXY_LISTEN": "0.0.0.0"},
+    )  # fmt: skip
+    assert config.upstreams == (
+        UpstreamSpec("192.0.2.1", 853, "one.test"),
+        UpstreamSpec("192.0.2.2", 8853, "two.test"),
+    )
+    assert config.listen == ("127.0.0.1", "::1")
+
+
+def test_comma_separated_lists_from_the_environment() -> None:
+    config = build_config(
+        [],
+        {
+            "DOT_PROXY_UPSTREAM": " 192.0.2.1#one.test , [2001:db8::1]:8853#two.test,,",
+            "DOT_PROXY_LISTEN": "127.0.0.1, ::1",
+        },
+    )
+    assert config.upstreams == (
+        UpstreamSpec("192.0.2.1", 853, "one.test"),
+        UpstreamSpec("2001:db8::1", 8853, "two.test"),
+    )
+    assert config.listen == ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[::1]:853#name.test", UpstreamSpec("::1", 853, "name.test")),
+        ("[::1]:8853", UpstreamSpec("::1", 8853, "::1")),
+        ("[::1]#name.test", UpstreamSpec("::1", 853, "name.test")),
+        ("2606:4700::1111", UpstreamSpec("2606:4700::1111", 853, "2606:4700::1111")),
+        (
+            "2606:4700::1111#one.one.one.one",
+            UpstreamSpec("2606:4700::1111", 853, "one.one.one.one"),
+        ),
+        (
+            "[2606:4700:4700::1111]:853#cloudflare-dns.com",
+            UpstreamSpec("2606:4700:4700::1111", 853, "cloudflare-dns.com"),
+        ),
+        ("9.9.9.9", UpstreamSpec("9.9.9.9", 853, "9.9.9.9")),
+        ("9.9.9.9:8853", UpstreamSpec("9.9.9.9", 8853, "9.9.9.9")),
+        ("9.9.9.9#dns.quad9.net.", UpstreamSpec("9.9.9.9", 853, "dns.quad9.net")),
+    ],
+)
+def test_upstream_specs(text: str, expected: UpstreamSpec) -> None:
+    assert build_config(["--upstream", text], {}).upstreams == (expected,)
+    assert build_config([], {"DOT_PROXY_UPSTREAM": text}).upstreams == (expected,)
+
+
+@pytest.mark.parametrize("text", ["[::1]", "::1", "127.0.0.1"])
+def test_listen_addresses(text: str) -> None:
+    assert build_config(["--listen", text], {}).listen == (text.strip("[]"),)
+
+
+BAD_FLAGS = [
+    ["--port", "abc"],
+    ["--port", "70000"],
+    ["--port", "-1"],
+    ["--port", "5.5"],
+    ["--timeout", "0"],
+    ["--timeout", "-1"],
+    ["--timeout", "nan"],
+    ["--timeout", "inf"],
+    ["--timeout", "soon"],
+    ["--log-level", "LOUD"],
+    ["--upstream", "dns.example"],
+    ["--upstream", "192.0.2.1:0"],
+    ["--upstream", "192.0.2.1:65536"],
+    ["--upstream", "192.0.2.1:dot"],
+    ["--upstream", "192.0.2.1#"],
+    ["--upstream", "192.0.2.1#not a name"],
+    ["--upstream", "[::1"],
+    ["--upstream", "[::1]853"],
+    ["--upstream", "999.0.0.1"],
+    ["--listen", "localhost"],
+    ["--listen", "300.1.1.1"],
+    ["--ca-file", "/nonexistent/ca.pem"],
+    ["--tcp-idle-timeout", "0"],
+    ["--upstream-idle-timeout", "-5"],
+    ["--max-connections", "0"],
+    ["--max-pipeline", "0"],
+    ["--max-pipeline", "70000"],
+    ["--max-in-flight", "0"],
+    ["--max-in-flight", "lots"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
+def test_bad_flag_value_names_the_flag(argv: list[str]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(argv, {})
+    message = str(raised.value)
+    assert argv[0] in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
+def test_bad_environment_value_names_the_setting(argv: list[str]) -> None:
+    variable = "DOT_PROXY_" + argv[0][2:].replace("-", "_").upper()
+    with pytest.raises(ConfigError) as raised:
+        build_config([], {variable: argv[1]})
+    message = str(raised.value)
+    assert variable in message or argv[0] in message
+    assert "\n" not in message
+
+
+def test_unusable_ca_file_names_the_flag(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="--ca-file"):
+        build_config(["--ca-file", str(junk)], {})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["--port"], ["--upstream"], ["stray-argument"]],
+    ids=" ".join,
+)
+def test_unknown_or_incomplete_flags_are_config_errors(argv: list[str]) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(argv, {})
+    assert argv[0] in str(raised.value)
+
+
+def test_no_permission_for_a_low_port_says_how_to_choose_another(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The tests run as root, so simulate what an unprivileged bind() gets.
+    def refuse(address: str, port: int, kind: int) -> socket.socket:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(server, "_bind_one", refuse)
+    monkeypatch.setattr(cli, "_configure_logging", lambda level: None)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--listen", "127.0.0.1", "--port", "53"])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert "--port" in lines[0]
+    assert "53" in lines[0]
+    assert "--port 5353" in lines[0] or "another port" in lines[0]
+
+
+def test_config_validates_when_built_directly() -> None:
+    with pytest.raises(ConfigError, match="--upstream"):
+        Config(upstreams=())
+
+
+# --- as a subprocess ----------------------------------------------------------------------------
+
+
+def _environment(**variables: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOT_PROXY_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(variables)
+    return env
+
+
+def _run(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dot_proxy", *args],
+        cwd=ROOT,
+        env=_environment(**variables),
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=False,
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "variables", "needle"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--timeout", "-3"], {}, "--timeout"),
+        (["--upstream", "dns.google"], {}, "--upstream"),
+        (["--log-level", "chatty"], {}, "--log-level"),
+        (["--bogus"], {}, "--bogus"),
+        ([], {"DOT_PROXY_PORT": "none"}, "DOT_PROXY_PORT"),
+        ([], {"DOT_PROXY_UPSTREAM": "1.1.1.1:99999"}, "--upstream"),
+    ],
+)
+def test_bad_value_exits_2_with_one_line(
+    args: list[str], variables: dict[str, str], needle: str
+) -> None:
+    _assert_one_line_error(_run(*args, **variables), needle)
+
+
+@pytest.fixture
+def occupied_port() -> Iterator[int]:
+    """A loopback port with a TCP listener and a UDP socket on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        port = tcp.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                pytest.skip("the UDP port is taken by someone else")
+            yield port
+
+
+def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:
+    result = _run("--listen", "127.0.0.1", "--port", str(occupied_port))
+    _assert_one_line_error(result, "already in use", str(occupied_port))
+
+
+def test_udp_port_in_use_exits_2_with_one_line() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        result = _run("--listen", "127.0.0.1", "--port", str(port))
+    _assert_one_line_error(result, "already in use")
+
+
+class Proxy:
+    """``python -m dot_proxy`` as a subprocess, its stderr read line by line in a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dot_proxy", *args],
+            cwd=ROOT,
+            env=_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_port(self) -> int:
+        """The UDP port, read from the 'listening on' startup line."""
+        while True:
+            line = self.lines.get(timeout=HANG_GUARD)
+            assert line is not None, "exited before listening:\n" + "".join(self.stderr)
+            self.stderr.append(line)
+            found = re.search(r"listening on udp 127\.0\.0\.1:(\d+)", line)
+            if found:
+                return int(found.group(1))
+
+    def finish(self) -> int:
+        code = self.process.wait(timeout=HANG_GUARD)
+        self._reader.join(timeout=HANG_GUARD)
+        while not self.lines.empty():
+            line = self.lines.get()
+            if line is not None:
+                self.stderr.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_proxy_with_exit_0(signum: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: the upstream refuses
+        upstream = f"127.0.0.1:{closed.getsockname()[1]}#dns.test"
+        proxy = Proxy("--listen", "127.0.0.1", "--port", "0", "--upstream", upstream)
+        try:
+            port = proxy.wait_for_port()
+            # It serves: a query gets SERVFAIL at once (the upstream refuses).
+            request = dns.message.make_query("example.com.", "A")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.settimeout(HANG_GUARD)
+                client.sendto(request.to_wire(), ("127.0.0.1", port))
+                answer = dns.message.from_wire(client.recv(65535))
+            assert answer.id == request.id
+            assert answer.rcode() == dns.rcode.SERVFAIL
+            proxy.process.send_signal(signum)
+            assert proxy.finish() == 0
+        finally:
+            proxy.kill()
+    assert not any("Traceback" in line for line in proxy.stderr), "".join(proxy.stderr)
+    assert any(signal.Signals(signum).name in line for line in proxy.stderr)
