@@ -42,7 +42,16 @@ from report import (  # noqa: E402
 
 from tests import realdns  # noqa: E402
 
-SYSTEMS = ("dot-proxy", "dot-proxy-no-reuse", "stubby", "dnsdist", "limit")
+SYSTEMS = (
+    "dot-proxy",
+    "dot-proxy-no-padding",
+    "dot-proxy-no-reuse",
+    "stubby",
+    "dnsdist",
+    "limit",
+)
+# dot-proxy variants: what each adds to its command line.
+VARIANT_FLAGS = {"dot-proxy-no-reuse": ["--no-reuse"], "dot-proxy-no-padding": ["--no-padding"]}
 # Debian packages that provide each program the selected systems need.
 PACKAGES = {"unbound": "unbound", "dnsperf": "dnsperf", "stubby": "stubby", "dnsdist": "dnsdist"}
 
@@ -64,7 +73,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(SYSTEMS),
         help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)",
     )
-    add("--no-reuse-flag", default="--no-reuse", help="dot-proxy's flag for one TLS per query")
     add("--proxy-args", default="", help="extra dot-proxy arguments (shell-quoted)")
     add("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown report")
     add("--chart", type=Path, help="PNG chart (default: the report's path with .png)")
@@ -143,7 +151,7 @@ def start_targets(
             server = realdns.Dnsdist(pki, unbound.tls_port, workdir=workdir / name)
             config = (server.config_file,)
         else:
-            extra = [*proxy_args, args.no_reuse_flag] if name.endswith("no-reuse") else proxy_args
+            extra = [*proxy_args, *VARIANT_FLAGS.get(name, [])]
             server = realdns.DotProxy(
                 pki, unbound.upstream_spec, extra_args=extra, workdir=workdir / name
             )

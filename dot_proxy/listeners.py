@@ -9,6 +9,7 @@ after every call and resolve the address of every datagram sent.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from dataclasses import dataclass
 from typing import NoReturn
@@ -220,6 +221,9 @@ async def _serve_tcp_client(sock: socket.socket, host: str, listening: Listening
             async with trio.open_nursery() as queries:
                 await _read_queries(client, queries, listening.tcp_idle_timeout)
             client.writer.close()
+            # What the client has not read gets one idle period more to go: a client that
+            # never reads must not keep its connection, and its --max-tcp-clients slot.
+            connection.cancel_scope.deadline = trio.current_time() + listening.tcp_idle_timeout
     finally:
         trio.lowlevel.notify_closing(sock)
         sock.close()
@@ -239,8 +243,11 @@ async def _read_queries(client: _ClientConnection, queries: trio.Nursery, idle: 
     while True:
         # One cancel scope per idle period, not per read: the deadline is checked when it
         # fires, and a connection that was busy meanwhile gets a new one.
-        with trio.CancelScope(deadline=max(last_query, client.last_answer) + idle):
+        with trio.CancelScope(deadline=max(last_query, client.last_answer) + idle) as scope:
             while True:
+                # First the frames already read, if the deadline ended a wait among them.
+                if await _start_queries(client, decoder, queries, scope):
+                    last_query = trio.current_time()
                 await trio.lowlevel.wait_readable(client.sock)
                 try:
                     data = client.sock.recv(_RECEIVE_SIZE)
@@ -254,8 +261,6 @@ async def _read_queries(client: _ClientConnection, queries: trio.Nursery, idle: 
                     decoder.feed(data)
                 except WireError:
                     return
-                if await _start_queries(client, decoder, queries):
-                    last_query = trio.current_time()
         if client.pipeline.value == MAX_TCP_CLIENT_PIPELINE:
             now = trio.current_time()
             if now - max(last_query, client.last_answer) >= idle:
@@ -265,11 +270,21 @@ async def _read_queries(client: _ClientConnection, queries: trio.Nursery, idle: 
 
 
 async def _start_queries(
-    client: _ClientConnection, decoder: FrameDecoder, queries: trio.Nursery
+    client: _ClientConnection,
+    decoder: FrameDecoder,
+    queries: trio.Nursery,
+    idle_scope: trio.CancelScope,
 ) -> bool:
     started = False
     listening = client.listening
-    while (message := decoder.next_message()) is not NEED_DATA:
+    while True:
+        if client.writer.backed_up:
+            # The client is not reading its answers: take none of its queries (and read none)
+            # until it does, so that what waits for it stays bounded. Before a frame is taken,
+            # so that the idle deadline may end this wait without losing one.
+            await client.writer.wait_drained()
+        if (message := decoder.next_message()) is NEED_DATA:
+            return started
         started = True
         if not listening.admits(client.host):
             # Over its network's rate: REFUSED, since a TCP client would wait out its
@@ -283,9 +298,25 @@ async def _start_queries(
             try:
                 semaphore.acquire_nowait()
             except trio.WouldBlock:
-                await semaphore.acquire()
+                await _wait_for_slot(client, semaphore, idle_scope)
         queries.start_soon(_answer_frame, client, message)
-    return started
+
+
+async def _wait_for_slot(
+    client: _ClientConnection, semaphore: trio.Semaphore, idle_scope: trio.CancelScope
+) -> None:
+    # Waiting for a slot is not idleness, and a cancel here would lose the frame just taken
+    # from the decoder: the idle deadline is lifted meanwhile. It is put back before any
+    # other await, so an idle period that ended meanwhile is checked, as usual, at the next.
+    deadline, idle_scope.deadline = idle_scope.deadline, math.inf
+    try:
+        await semaphore.acquire()
+    except BaseException:
+        if semaphore is not client.pipeline:
+            client.pipeline.release()  # taken already; cancelled waiting for the other
+        raise
+    finally:
+        idle_scope.deadline = deadline
 
 
 async def _answer_frame(client: _ClientConnection, message: bytes) -> None:

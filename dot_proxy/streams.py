@@ -82,15 +82,17 @@ class SocketWriter:
 
     Resource handling: :meth:`run` lives in the connection's nursery and returns after
     :meth:`close` once everything is sent; it raises ``trio.BrokenResourceError`` when the peer
-    is gone. The owner closes the socket.
+    is gone. The owner closes the socket. The queue has no bound of its own: the owner stops
+    producing while :attr:`backed_up` (see :meth:`wait_drained`).
     """
 
-    __slots__ = ("_blocked", "_broken", "_closing", "_lot", "_queue", "_sock")
+    __slots__ = ("_blocked", "_broken", "_closing", "_drained", "_lot", "_queue", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._queue: list[bytes] = []
         self._lot = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
         self._blocked = False
         self._broken: OSError | None = None
         self._closing = False
@@ -115,6 +117,16 @@ class SocketWriter:
         if len(self._queue) == 1:
             self._lot.unpark()
 
+    @property
+    def backed_up(self) -> bool:
+        """Whether data waits for the peer to read: the kernel's buffer is full."""
+        return self._blocked or bool(self._queue)
+
+    async def wait_drained(self) -> None:
+        """Wait until everything queued so far has been handed to the kernel."""
+        while self.backed_up and self._broken is None:
+            await self._drained.park()
+
     def close(self) -> None:
         """Let :meth:`run` return once everything queued so far is sent."""
         self._closing = True
@@ -127,6 +139,7 @@ class SocketWriter:
             if self._broken is not None:
                 raise trio.BrokenResourceError(str(self._broken)) from self._broken
             if not queue:
+                self._drained.unpark_all()
                 if self._closing:
                     return
                 await self._lot.park()

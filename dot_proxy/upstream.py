@@ -305,6 +305,13 @@ class Connection:
                     log.warning("%s", exc)
                     self.retire(exc)
                     return
+                except Exception as exc:
+                    # A bug or an unexpected OS error while connecting must fail this
+                    # connection's queries, not escape into the upstreams' nursery and stop
+                    # the whole proxy.
+                    log.exception("%s: connecting failed", self.spec.label)
+                    self.retire(UpstreamConnectError(f"{self.spec.label}: {exc!r}"))
+                    return
                 self._writer = BatchWriter(stream, after_send=quickack_hook(stream))
                 self._set_ready()
                 async with trio.open_nursery() as nursery:
@@ -343,18 +350,23 @@ class Connection:
             if not data:
                 self.retire(UpstreamClosed(f"{label}: closed by the upstream"))
                 return
-            self._received_at = trio.current_time()
+            now = trio.current_time()
             try:
                 decoder.feed(data)
             except WireError as exc:
                 self.retire(UpstreamProtocolError(f"{label}: {exc}"))
                 return
             while (message := decoder.next_message()) is not NEED_DATA:
-                if not self._dispatch(message):
+                if not self._dispatch(message, now):
                     self.retire(UpstreamProtocolError(f"{label}: sent a message that is not DNS"))
                     return
+            # For the watchdog, only answers and the bytes of one still arriving show that the
+            # connection is alive: messages that answer nothing (unknown ID, another question)
+            # must not keep a connection that never answers in the pool forever.
+            if decoder.buffered:
+                self._received_at = now
 
-    def _dispatch(self, answer: bytes) -> bool:
+    def _dispatch(self, answer: bytes, now: float) -> bool:
         """Hand an answer to the query waiting for it; False if the upstream talks nonsense."""
         if len(answer) < HEADER_SIZE:
             return False
@@ -375,6 +387,7 @@ class Connection:
             pending.answer = answer
             self._answered = True
             pending.race.wake()
+        self._received_at = now
         if len(self._pending) == self._max_pipeline - 1:
             self._on_room()
         return True
@@ -387,14 +400,14 @@ class Connection:
 
     async def _watchdog(self) -> None:
         # One task per connection, waking a few times a second, instead of a cancel scope per
-        # query: a connection with queries outstanding that has received nothing at all for
-        # stall_timeout is dead (a NAT dropped it, the server hangs) and is retired, so its
-        # queries are retried elsewhere well within their deadline. That holds only for a
-        # connection that has answered before: on one that never has (fresh, or the retry's),
-        # silence is a slow resolver (seconds on a cold name) or a hung one, and another
-        # connection would not answer sooner, so it waits out its queries' deadline (issue 2:
-        # an answer within the deadline reaches the client; a hang is SERVFAIL at the deadline).
-        # An idle one is closed.
+        # query: a connection with queries outstanding that has received no answer (nor part
+        # of one) for stall_timeout is dead (a NAT dropped it, the server hangs) and is
+        # retired, so its queries are retried elsewhere well within their deadline. That holds
+        # only for a connection that has answered before: on one that never has (fresh, or the
+        # retry's), silence is a slow resolver (seconds on a cold name) or a hung one, and
+        # another connection would not answer sooner, so it waits out its queries' deadline
+        # (issue 2: an answer within the deadline reaches the client; a hang is SERVFAIL at the
+        # deadline). An idle one is closed.
         tick = min(self._stall_timeout, self._idle_timeout) / 4
         while True:
             await trio.sleep(tick)
