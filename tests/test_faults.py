@@ -523,4 +523,3 @@ async def test_the_steady_state_check_sees_a_connection_left_open(
         await setup.steady.back()
     await left_open.aclose()
     await setup.steady.back()
-
