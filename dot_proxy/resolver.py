@@ -104,6 +104,7 @@ class Resolver:
         self._hedges: list[tuple[float, int, _Attempts]] = []
         self._hedge_lot = trio.lowlevel.ParkingLot()
         self._hedge_count = 0
+        self._quiet_until: dict[int, float] = {}
 
     @property
     def upstreams(self) -> Sequence[Upstream]:
@@ -208,6 +209,12 @@ class Resolver:
             self._log_down(index)
 
     def _log_down(self, index: int) -> None:
+        # An upstream that flaps (late answers from before it froze mark it up again) would
+        # fill the log: say it once a minute at most.
+        now = trio.current_time()
+        if now < self._quiet_until.get(index, float("-inf")):
+            return
+        self._quiet_until[index] = now + 60.0
         log.warning(
             "%s is down; probing it again in %g s",
             self._upstreams[index].spec.label,

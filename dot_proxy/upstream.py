@@ -388,8 +388,7 @@ class Connection:
             self._answered = True
             pending.race.wake()
         self._received_at = now
-        if len(self._pending) == self._max_pipeline - 1:
-            self._on_room()
+        self._on_room()  # a slot is free: the pool hands it to one waiting query, if any
         return True
 
     async def _write_loop(self, writer: BatchWriter) -> None:
@@ -504,8 +503,8 @@ class Upstream:
         self._config = config
         self._nursery = nursery
         self._connections: list[Connection] = []
-        self._room = trio.lowlevel.ParkingLot()
-        self._room_races: set[Race] = set()
+        # Queries waiting for a free slot, in arrival order (a dict as an ordered set).
+        self._room_waiters: dict[Race, None] = {}
         self._reuse = config.reuse
         self._max_connections = config.max_connections
 
@@ -554,7 +553,7 @@ class Upstream:
             self.spec,
             self._ssl_context,
             self._config,
-            on_room=self._wake_waiters,
+            on_room=self._wake_one,
             on_closed=self._forget,
         )
         self._connections.append(connection)
@@ -562,28 +561,50 @@ class Upstream:
         return connection
 
     async def _wait_for_room(self, race: Race | None) -> None:
-        """Wait until a connection may have room, or raise :class:`RaceLost` once ``race``
-        is won elsewhere: a query whose hedge answered must not sit here until its deadline
-        (a hung upstream fills its pool with abandoned queries)."""
-        if race is None:
-            await self._room.park()
-            return
-        if race.answer is None:
-            self._room_races.add(race)
-            await race.wait()
-        if race.answer is not None:
-            raise RaceLost(f"{self.spec.label}: another upstream answered first")
+        """Wait in line until a slot frees on some connection.
 
-    def _wake_waiters(self) -> None:
-        self._room.unpark_all()
-        races, self._room_races = self._room_races, set()
-        for race in races:
-            race.wake()
+        One freed slot wakes one waiter, first come first served: waking them all would cost
+        every answer a wake-up per waiting query, which under overload (an upstream freezes
+        and the pool fills) is what keeps the proxy from ever catching up.
+
+        Error handling: raises :class:`RaceLost` once ``race`` is won elsewhere — a query
+        whose hedge answered must not sit here until its deadline (a hung upstream fills its
+        pool with abandoned queries) — and then passes its turn on.
+        """
+        waiter = race if race is not None else Race()
+        if waiter.answer is not None:
+            raise RaceLost(f"{self.spec.label}: another upstream answered first")
+        self._room_waiters[waiter] = None
+        try:
+            await waiter.wait()
+        except BaseException:
+            self._leave_line(waiter)
+            raise
+        if waiter.answer is not None:
+            self._leave_line(waiter)
+            raise RaceLost(f"{self.spec.label}: another upstream answered first")
+        # Woken by a slot (out of line now), or by its race (still in line: look anyway).
+        self._room_waiters.pop(waiter, None)
+
+    def _leave_line(self, waiter: Race) -> None:
+        # Out of line already means a slot was handed to this waiter, which will not take
+        # it: the slot goes to the next in line.
+        if self._room_waiters.pop(waiter, False) is False:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        if self._room_waiters:
+            waiter = next(iter(self._room_waiters))
+            del self._room_waiters[waiter]
+            waiter.wake()
 
     def _forget(self, connection: Connection) -> None:
+        # A retired connection may make room for a new one: every waiter looks again.
         if connection in self._connections:
             self._connections.remove(connection)
-        self._wake_waiters()
+        waiters, self._room_waiters = self._room_waiters, {}
+        for waiter in waiters:
+            waiter.wake()
 
     async def _query_on_own_connection(
         self, message: bytes, key: bytes, race: Race | None

@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from dot_proxy.upstream import Upstream
 from dot_proxy.wire import frame, message_id
 from tests.clients import TcpClient, query, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
@@ -321,3 +322,56 @@ async def test_a_burst_of_queries_leaves_in_very_few_writes(
     assert sum(sizes) >= burst * len(query(name(0)).to_wire())
     # The fake, reading 64 KiB at a time, gets them in as few chunks.
     assert chunks <= 3, chunks
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts task steps: the scheduling work the proxy does."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_freed_slot_wakes_one_waiting_query_not_all_of_them(
+    clock: trio.testing.MockClock, start_upstream: StartUpstream, ca_file: str
+) -> None:
+    # Under overload (an upstream froze and the pool filled) hundreds of queries wait for
+    # room. Waking all of them for every freed slot costs each answer a wake-up per waiting
+    # query, and the proxy never catches up (found by the soak). Each slot must wake one, in
+    # arrival order, so the work per answered query stays the same however many wait.
+    steps_per_query = []
+    for waiting in (50, 200):
+        held = Held()
+        fake = await start_upstream(held)
+        order: list[int] = []
+
+        async def one(index: int, upstream: Upstream, order: list[int]) -> None:
+            await ask(upstream, name(index))
+            order.append(index)
+
+        with trio.fail_after(60):
+            async with (
+                open_pool(fake, ca_file, max_pipeline=2, max_connections=1) as [upstream],
+                trio.open_nursery() as nursery,
+            ):
+                for index in range(waiting + 2):
+                    nursery.start_soon(one, index, upstream, order)
+                    await trio.testing.wait_all_tasks_blocked()
+                await fake.wait_for_queries(2)
+                counter = _TaskSteps()
+                trio.lowlevel.add_instrument(counter)
+                try:
+                    while len(order) < waiting + 2:
+                        await held.release(1)
+                        await fake.wait_for_queries(min(len(order) + 3, waiting + 2))
+                        await trio.testing.wait_all_tasks_blocked()
+                finally:
+                    trio.lowlevel.remove_instrument(counter)
+                await held.release()
+        assert sorted(order) == list(range(waiting + 2))
+        assert order[:waiting] == sorted(order[:waiting])  # first come, first served
+        steps_per_query.append(counter.steps / (waiting + 2))
+    # Four times the waiting queries, about the same work each (not four times as much).
+    assert steps_per_query[1] < 1.5 * steps_per_query[0], steps_per_query
