@@ -415,11 +415,13 @@ def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
     return writes
 
 
-@pytest.fixture
-async def hang_guard(nursery: trio.Nursery) -> None:
+@pytest.fixture(name="hang_guard")
+async def hang_guard_fixture(nursery: trio.Nursery) -> None:
     """Fail a test that would wait forever (for a reply that never comes) instead of hanging
     the run: after 60 s of real time, or 1,000 s of virtual time under a MockClock (which
-    jumps there at once when nothing else is due). Use with ``pytest.mark.usefixtures``."""
+    jumps there at once when nothing else is due). A test takes it as an argument,
+    ``hang_guard: None``, after ``from tests.fakes import hang_guard_fixture`` (pytest-trio runs
+    only the trio fixtures that are the test's arguments, not ``usefixtures`` ones)."""
     virtual = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
     limit = 1000.0 if virtual else 60.0
 

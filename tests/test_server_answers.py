@@ -18,12 +18,10 @@ from tests.clients import TcpClient, query, tcp_exchange, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (
     answer_for,
-    hang_guard,  # noqa: F401 (a fixture, used by name)
+    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
     patient_clock,
     spoiled_first,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 @pytest.fixture
@@ -38,7 +36,7 @@ EXCHANGES = [pytest.param(udp_exchange, id="udp"), pytest.param(tcp_exchange, id
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_answer_comes_back_with_the_client_id(
-    start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])
@@ -69,7 +67,7 @@ def _client_query_with_edns() -> dns.message.Message:
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_edns_options_and_do_bit_reach_the_upstream_untouched(
-    start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream], padding=False)
@@ -88,7 +86,7 @@ async def test_edns_options_and_do_bit_reach_the_upstream_untouched(
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_with_padding_the_client_edns_options_and_do_bit_still_pass_through(
-    start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
 ) -> None:
     # Padding (RFC 8467) adds an option for the TLS hop; everything the client sent is kept.
     upstream = await start_upstream()
@@ -108,7 +106,7 @@ async def test_with_padding_the_client_edns_options_and_do_bit_still_pass_throug
 
 @pytest.mark.parametrize("padding", [False, True])
 async def test_big_udp_query_is_read_whole(
-    start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
 ) -> None:
     # Datagrams up to 65,535 bytes are read whole: a query of ~4 KB arrives intact.
     upstream = await start_upstream()
@@ -156,7 +154,11 @@ SPOILERS = [
 @pytest.mark.parametrize("spoil", SPOILERS)
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_a_mismatched_answer_is_never_passed_on(
-    start_upstream: StartUpstream, start_proxy: StartProxy, spoil: object, exchange: object
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    spoil: object,
+    exchange: object,
 ) -> None:
     upstream = await start_upstream(spoiled_first(spoil, then_answer=True))  # type: ignore[arg-type]
     proxy = await start_proxy([upstream])
@@ -169,7 +171,7 @@ async def test_a_mismatched_answer_is_never_passed_on(
 
 
 async def test_an_answer_for_another_type_is_never_passed_on(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream(spoiled_first(_other_type, then_answer=True))
     proxy = await start_proxy([upstream])
@@ -180,6 +182,7 @@ async def test_an_answer_for_another_type_is_never_passed_on(
 
 @pytest.mark.parametrize("spoil", SPOILERS)
 async def test_only_mismatched_answers_give_servfail_at_the_deadline(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     spoil: object,
@@ -198,7 +201,10 @@ async def test_only_mismatched_answers_give_servfail_at_the_deadline(
 
 
 async def test_no_per_query_logging_at_info(
-    start_upstream: StartUpstream, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="dot_proxy")
     upstream = await start_upstream()

@@ -25,7 +25,7 @@ from tests.fakes import (
     FakeUpstream,
     answer_anything,
     answering,
-    hang_guard,  # noqa: F401 (a fixture, used by name)
+    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
 )
 
 QR = 0x8000
@@ -51,9 +51,8 @@ async def _next_datagram_answers(sock: trio.socket.SocketType, good: dns.message
 SHORT = [b"", b"\x12", b"\x12\x34\x01\x00\x00\x01", b"\xff" * 11]
 
 
-@pytest.mark.usefixtures("hang_guard")
 async def test_datagrams_shorter_than_a_header_get_no_reply(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])
@@ -68,9 +67,8 @@ async def test_datagrams_shorter_than_a_header_get_no_reply(
     assert len(upstream.queries) == 1
 
 
-@pytest.mark.usefixtures("hang_guard")
 async def test_error_response_sent_as_a_query_is_dropped(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     # Answering an error response with FORMERR would let two servers bounce errors forever.
     upstream = await start_upstream()
@@ -102,9 +100,8 @@ async def _expect_error(proxy: RunningProxy, data: bytes, rcode: int, msg_id: in
         assert header[1] & 0xF == rcode
 
 
-@pytest.mark.usefixtures("hang_guard")
 async def test_response_sent_as_a_query_gets_formerr(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])
@@ -117,9 +114,8 @@ async def test_response_sent_as_a_query_gets_formerr(
 @pytest.mark.parametrize(
     "opcode", [dns.opcode.NOTIFY, dns.opcode.UPDATE, dns.opcode.IQUERY, dns.opcode.STATUS, 15]
 )
-@pytest.mark.usefixtures("hang_guard")
 async def test_opcodes_other_than_query_get_notimp(
-    start_upstream: StartUpstream, start_proxy: StartProxy, opcode: int
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, opcode: int
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])
@@ -147,10 +143,9 @@ GARBAGE_QUESTIONS = [
 ]
 
 
-@pytest.mark.usefixtures("hang_guard")
 @pytest.mark.parametrize("data", GARBAGE_QUESTIONS)
 async def test_garbage_question_gets_formerr(
-    start_upstream: StartUpstream, start_proxy: StartProxy, data: bytes
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, data: bytes
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])
@@ -159,9 +154,8 @@ async def test_garbage_question_gets_formerr(
     assert upstream.queries == []
 
 
-@pytest.mark.usefixtures("hang_guard")
 async def test_zero_length_and_short_frames_over_tcp_keep_the_connection(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])

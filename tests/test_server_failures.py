@@ -21,11 +21,9 @@ from tests.fakes import (
     answer_after,
     close_mid_frame,
     hang,
-    hang_guard,  # noqa: F401 (a fixture, used by name)
+    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
     patient_clock,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 @pytest.fixture
@@ -70,6 +68,7 @@ def assert_servfail_for(reply: bytes | None, request: dns.message.Message) -> No
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_hanging_upstream_gives_servfail_at_the_deadline(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -87,6 +86,7 @@ async def test_hanging_upstream_gives_servfail_at_the_deadline(
 
 @pytest.mark.parametrize("delay", [1.5, 2.5, 4.5])
 async def test_slow_upstream_answer_within_the_deadline_is_passed_on(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -107,6 +107,7 @@ async def test_slow_upstream_answer_within_the_deadline_is_passed_on(
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_refused_connection_gives_servfail_promptly(
+    hang_guard: None,
     start_proxy: StartProxy,
     closed_port: ClosedPort,
     clock: trio.testing.MockClock,
@@ -141,6 +142,7 @@ BAD_CERTIFICATES = [
 @pytest.mark.parametrize("make_upstream", BAD_CERTIFICATES)
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_tls_failure_gives_servfail_and_sends_no_query_bytes(
+    hang_guard: None,
     start_proxy: StartProxy,
     ca: trustme.CA,
     nursery: trio.Nursery,
@@ -162,7 +164,7 @@ async def test_tls_failure_gives_servfail_and_sends_no_query_bytes(
 
 
 async def test_certificate_must_match_the_address_when_no_name_is_given(
-    start_proxy: StartProxy, ca: trustme.CA, nursery: trio.Nursery
+    hang_guard: None, start_proxy: StartProxy, ca: trustme.CA, nursery: trio.Nursery
 ) -> None:
     with_address = FakeUpstream(ca, names=(AUTH_NAME, "127.0.0.1"))
     without_address = FakeUpstream(ca, names=(AUTH_NAME,))
@@ -184,6 +186,7 @@ async def test_certificate_must_match_the_address_when_no_name_is_given(
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_upstream_closing_mid_frame_is_retried_once(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -206,6 +209,7 @@ async def test_upstream_closing_mid_frame_is_retried_once(
 
 @pytest.mark.parametrize("exchange", EXCHANGES)
 async def test_upstream_closing_mid_frame_twice_gives_servfail(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -222,6 +226,7 @@ async def test_upstream_closing_mid_frame_twice_gives_servfail(
 
 
 async def test_failover_past_a_refusing_and_an_untrusted_upstream(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     closed_port: ClosedPort,
@@ -248,6 +253,7 @@ async def test_failover_past_a_refusing_and_an_untrusted_upstream(
 
 @pytest.mark.parametrize("first", ["refused", "untrusted-ca", "wrong-name"])
 async def test_second_upstream_answers_when_the_first_fails(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     closed_port: ClosedPort,

@@ -18,11 +18,9 @@ from tests.fakes import (
     FakeUpstream,
     answer_after,
     hang,
-    hang_guard,  # noqa: F401 (a fixture, used by name)
+    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
     patient_clock,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 @pytest.fixture
@@ -69,6 +67,7 @@ async def _serve(
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_stop_lets_the_query_in_flight_finish(
+    hang_guard: None,
     start_upstream: StartUpstream,
     ca_file: str,
     clock: trio.testing.MockClock,
@@ -110,6 +109,7 @@ async def test_stop_lets_the_query_in_flight_finish(
 
 
 async def test_stop_cuts_work_off_after_the_grace_period(
+    hang_guard: None,
     start_upstream: StartUpstream,
     ca_file: str,
     clock: trio.testing.MockClock,
@@ -130,7 +130,9 @@ async def test_stop_cuts_work_off_after_the_grace_period(
     udp_client.close()
 
 
-async def test_no_new_clients_after_stop(start_upstream: StartUpstream, ca_file: str) -> None:
+async def test_no_new_clients_after_stop(
+    hang_guard: None, start_upstream: StartUpstream, ca_file: str
+) -> None:
     upstream = await start_upstream()
     async with trio.open_nursery() as nursery:
         served = await _serve(nursery, upstream, ca_file)
@@ -141,6 +143,7 @@ async def test_no_new_clients_after_stop(start_upstream: StartUpstream, ca_file:
 
 
 async def test_in_flight_limit_drops_the_query_over_it(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -169,7 +172,7 @@ async def test_in_flight_limit_drops_the_query_over_it(
 
 
 async def test_in_flight_limit_frees_slots_after_answers(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream], max_in_flight=1)

@@ -18,12 +18,10 @@ from tests.fakes import (
     answer_in_reverse,
     answering,
     hang,
-    hang_guard,  # noqa: F401 (a fixture, used by name)
+    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
     patient_clock,
     txt_answer_for,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_guard")
 
 
 @pytest.fixture
@@ -67,7 +65,7 @@ def _check_answers(requests: list[dns.message.Message], answers: dict[int, bytes
 
 
 async def test_pipelined_queries_all_get_their_answers(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream()
     proxy = await start_proxy([upstream])
@@ -81,7 +79,7 @@ async def test_pipelined_queries_all_get_their_answers(
 
 
 async def test_answers_out_of_order_from_the_upstream(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     upstream = await start_upstream(answer_in_reverse(batch=20))
     proxy = await start_proxy([upstream], max_connections=1)
@@ -111,6 +109,7 @@ def answer_after_by_name(delays: dict[str, float]) -> Behaviour:
 
 
 async def test_answers_go_back_as_each_completes(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -137,7 +136,7 @@ async def test_answers_go_back_as_each_completes(
 
 
 async def test_big_pipelined_answers_never_interleave(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     # Answers of 1-16 KB, many in flight: if two writes interleaved, a frame would not parse
     # or would carry another query's question.
@@ -167,6 +166,7 @@ async def test_big_pipelined_answers_never_interleave(
 
 
 async def test_idle_client_connection_is_closed(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -191,6 +191,7 @@ async def test_idle_client_connection_is_closed(
 
 
 async def test_half_sent_frame_is_closed_while_others_are_served(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -215,6 +216,7 @@ async def test_half_sent_frame_is_closed_while_others_are_served(
 
 
 async def test_half_a_length_prefix_is_closed_too(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,
@@ -230,6 +232,7 @@ async def test_half_a_length_prefix_is_closed_too(
 
 
 async def test_a_query_in_flight_keeps_the_connection_open(
+    hang_guard: None,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
     clock: trio.testing.MockClock,

@@ -19,11 +19,9 @@ from tests.clients import query, tcp_exchange, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (
     answering,
-    hang_guard,  # noqa: F401 (a fixture, used by name)
+    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
     txt_answer_for,
 )
-
-pytestmark = pytest.mark.usefixtures("hang_guard")
 
 PADDING = [pytest.param(False, id="no-padding"), pytest.param(True, id="padding")]
 
@@ -57,7 +55,7 @@ async def _whole(port: int, request: dns.message.Message) -> bytes:
 
 @pytest.mark.parametrize("padding", PADDING)
 async def test_big_answer_without_edns_is_truncated_to_header_and_question(
-    start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, 700, padding=padding)
     request = query("big.example.", "TXT", use_edns=False)
@@ -79,7 +77,11 @@ async def test_big_answer_without_edns_is_truncated_to_header_and_question(
 
 @pytest.mark.parametrize(("size", "truncated"), [(512, False), (513, True)])
 async def test_the_512_byte_limit_without_edns_is_exact(
-    start_upstream: StartUpstream, start_proxy: StartProxy, size: int, truncated: bool
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    size: int,
+    truncated: bool,
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, size)
     request = query("edge.example.", "TXT", use_edns=False)
@@ -92,7 +94,7 @@ async def test_the_512_byte_limit_without_edns_is_exact(
 
 @pytest.mark.parametrize("padding", PADDING)
 async def test_edns_1232_answer_of_1000_bytes_passes_whole(
-    start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, 1000, padding=padding)
     request = query("mid.example.", "TXT", use_edns=0, payload=1232)
@@ -109,7 +111,7 @@ async def test_edns_1232_answer_of_1000_bytes_passes_whole(
 
 @pytest.mark.parametrize("padding", PADDING)
 async def test_edns_1232_answer_of_2000_bytes_is_truncated_keeping_opt(
-    start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, padding: bool
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, 2000, padding=padding)
     request = query("big.example.", "TXT", use_edns=0, payload=1232, want_dnssec=True)
@@ -127,7 +129,11 @@ async def test_edns_1232_answer_of_2000_bytes_is_truncated_keeping_opt(
 
 @pytest.mark.parametrize(("size", "truncated"), [(1232, False), (1233, True)])
 async def test_the_edns_limit_is_exact(
-    start_upstream: StartUpstream, start_proxy: StartProxy, size: int, truncated: bool
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    size: int,
+    truncated: bool,
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, size)
     request = query("edge.example.", "TXT", use_edns=0, payload=1232)
@@ -140,7 +146,7 @@ async def test_the_edns_limit_is_exact(
 
 @pytest.mark.parametrize("payload", [0, 100, 511])
 async def test_edns_payload_below_512_counts_as_512(
-    start_upstream: StartUpstream, start_proxy: StartProxy, payload: int
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, payload: int
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, 500)
     request = query("small.example.", "TXT", use_edns=0, payload=payload)
@@ -153,7 +159,11 @@ async def test_edns_payload_below_512_counts_as_512(
 @pytest.mark.parametrize("padding", PADDING)
 @pytest.mark.parametrize("size", [2000, 4000, 65000])
 async def test_tcp_answers_are_whole_whatever_the_edns_size(
-    start_upstream: StartUpstream, start_proxy: StartProxy, size: int, padding: bool
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+    size: int,
+    padding: bool,
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, size, padding=padding)
     for request in (
@@ -166,7 +176,7 @@ async def test_tcp_answers_are_whole_whatever_the_edns_size(
 
 
 async def test_large_edns_payload_takes_a_large_udp_answer_whole(
-    start_upstream: StartUpstream, start_proxy: StartProxy
+    hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy
 ) -> None:
     port = await _proxy_answering(start_upstream, start_proxy, 4000)
     request = query("big.example.", "TXT", use_edns=0, payload=4096)
