@@ -45,7 +45,9 @@ StartProxy = Callable[..., Awaitable[RunningProxy]]
 def start_upstream(ca: trustme.CA, nursery: trio.Nursery) -> StartUpstream:
     """``await start_upstream(behaviour, **kwargs)`` → a FakeUpstream serving on loopback."""
 
-    async def start(behaviour: Behaviour = answer_all, **kwargs: Any) -> FakeUpstream:
+    async def start(
+        behaviour: Behaviour = answer_all, *, ca: trustme.CA = ca, **kwargs: Any
+    ) -> FakeUpstream:
         upstream = FakeUpstream(ca, behaviour=behaviour, **kwargs)
         await nursery.start(upstream.serve)
         return upstream

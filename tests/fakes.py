@@ -91,11 +91,17 @@ class FakeUpstream:
         self.port = 0
         self.query_arrived = trio.lowlevel.ParkingLot()
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert(*names).configure_cert(self._context)
+        self.cert = ca.issue_cert(*names)
+        self.cert.configure_cert(self._context)
 
     @property
     def spec(self) -> str:
         return f"127.0.0.1:{self.port}#{AUTH_NAME}"
+
+    @property
+    def leaf_der(self) -> bytes:
+        """The DER of the certificate this fake presents (to compute its SPKI pin)."""
+        return ssl.PEM_cert_to_DER_cert(self.cert.cert_chain_pems[0].bytes().decode())
 
     async def wait_for_queries(self, count: int) -> None:
         """Return once the fake has received at least ``count`` queries in all."""

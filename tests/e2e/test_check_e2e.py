@@ -1,0 +1,68 @@
+"""``dot-proxy check`` against a real unbound: what a user runs when resolution breaks."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+
+import pytest
+
+from dot_proxy.pins import spki_sha256_b64
+from tests import realdns
+
+pytestmark = pytest.mark.e2e
+
+
+def check(pki: realdns.Pki, *upstreams: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "dot_proxy", "check", "--ca-file", str(pki.ca_file)]
+    for upstream in upstreams:
+        argv += ["--upstream", upstream]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def server_pin(pki: realdns.Pki) -> str:
+    pem = pki.cert_file.read_text()
+    first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
+    return spki_sha256_b64(ssl.PEM_cert_to_DER_cert(first + "\n"))
+
+
+def test_a_working_upstream_is_reported_ok_with_its_pin(
+    pki: realdns.Pki, unbound: realdns.Unbound
+) -> None:
+    result = check(pki, unbound.upstream_spec)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "TLSv1.3" in result.stdout or "TLSv1.2" in result.stdout
+    assert "dns.test" in result.stdout  # the certificate's names
+    assert server_pin(pki) in result.stdout
+    assert "answered" in result.stdout
+    assert result.stdout.rstrip().endswith("OK")
+
+
+def test_a_wrong_name_fails_and_shows_the_presented_pin(
+    pki: realdns.Pki, unbound: realdns.Unbound
+) -> None:
+    result = check(pki, f"127.0.0.1:{unbound.tls_port}#wrong.test")
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout
+    assert "wrong.test" in result.stdout
+    assert f"presented key pin: {server_pin(pki)}" in result.stdout
+
+
+def test_pins_alone_pass_and_a_wrong_pin_fails(pki: realdns.Pki, unbound: realdns.Unbound) -> None:
+    good = check(pki, f"127.0.0.1:{unbound.tls_port}^{server_pin(pki)}")
+    assert good.returncode == 0, good.stdout
+    assert "pins:    match" in good.stdout
+    bad = check(pki, f"127.0.0.1:{unbound.tls_port}#dns.test^{'A' * 43}=")
+    assert bad.returncode == 1
+    assert "matches none of the configured pins" in bad.stdout
+
+
+def test_one_failing_upstream_of_two_fails_the_check(
+    pki: realdns.Pki, unbound: realdns.Unbound
+) -> None:
+    closed = realdns.free_port("tcp")
+    result = check(pki, unbound.upstream_spec, f"127.0.0.1:{closed}#dns.test")
+    assert result.returncode == 1
+    assert result.stdout.count("OK") == 1
+    assert "connect failed" in result.stdout
