@@ -22,16 +22,32 @@ class BatchWriter:
     raised; either way the owner closes the stream.
     """
 
-    __slots__ = ("_after_send", "_closing", "_lot", "_queue", "_stream", "messages", "sends")
+    __slots__ = (
+        "_after_send",
+        "_busy",
+        "_closing",
+        "_lot",
+        "_queue",
+        "_stream",
+        "messages",
+        "sends",
+    )
 
     def __init__(
-        self, stream: trio.abc.SendStream, *, after_send: Callable[[], None] | None = None
+        self,
+        stream: trio.abc.SendStream,
+        *,
+        after_send: Callable[[], None] | None = None,
+        busy: Callable[[int], bool] | None = None,
     ) -> None:
         self._stream = stream
         self._queue: list[bytes] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._after_send = after_send
+        # busy(queued) says whether more messages are likely to be queued in a moment (the
+        # owner has other work in flight): then one scheduling round is worth waiting.
+        self._busy = busy
         self.messages = 0  # queued so far
         self.sends = 0  # send_all calls so far; messages / sends is the batching gained
 
@@ -60,9 +76,11 @@ class BatchWriter:
                 if self._closing:
                     return
                 await self._lot.park()
-                # Let the tasks that are ready now queue theirs too: one more scheduling
-                # round costs less than the TLS record and syscall it saves.
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if self._busy is not None and self._busy(len(queue)):
+                    # Under load, let the tasks that are ready now queue theirs too: one more
+                    # scheduling round costs less than the TLS record and syscall it saves.
+                    # Alone, a query goes at once: the round costs ~0.2 ms of latency.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 continue
             batch = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()

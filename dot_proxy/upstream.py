@@ -248,6 +248,10 @@ class Connection:
             await race.wait()
         return pending.answer
 
+    def _has_other_queries(self, queued: int) -> bool:
+        # Under load: a burst queued, or answers outstanding besides the queued queries.
+        return queued > 1 or len(self._pending) > queued
+
     async def wait_ready(self, race: Race | None) -> None:
         """Wait until the connection is open or failed, or until ``race`` is won elsewhere.
 
@@ -312,7 +316,9 @@ class Connection:
                     log.exception("%s: connecting failed", self.spec.label)
                     self.retire(UpstreamConnectError(f"{self.spec.label}: {exc!r}"))
                     return
-                self._writer = BatchWriter(stream, after_send=quickack_hook(stream))
+                self._writer = BatchWriter(
+                    stream, after_send=quickack_hook(stream), busy=self._has_other_queries
+                )
                 self._set_ready()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_loop, stream)
