@@ -32,10 +32,9 @@ from dot_proxy.wire import (
     HEADER_SIZE,
     NEED_DATA,
     FrameDecoder,
-    answer_question_key,
-    frame,
+    answer_matches,
+    frame_with_id,
     message_id,
-    replace_id,
 )
 
 __all__ = [
@@ -229,7 +228,7 @@ class Connection:
         if not pending_map:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
-        writer.write_nowait(frame(replace_id(message, wire_id)))
+        writer.write_nowait(frame_with_id(message, wire_id))
         self.queries_sent += 1
         try:
             return await self._answer_for(pending)
@@ -383,7 +382,7 @@ class Connection:
             return True
         if pending.abandoned:
             del self._pending[wire_id]
-        elif answer_question_key(answer) != pending.key:
+        elif not answer_matches(answer, pending.key):
             # RFC 7858 §3.3 / RFC 5452: an answer must match the question too; never pass on
             # one that does not. The query waits on for the right one.
             log.debug("%s: dropped an answer for another question", self.spec.label)

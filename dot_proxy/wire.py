@@ -26,9 +26,11 @@ __all__ = [
     "NeedData",
     "Query",
     "Rcode",
+    "answer_matches",
     "answer_question_key",
     "error_reply",
     "frame",
+    "frame_with_id",
     "message_id",
     "parse_query",
     "replace_id",
@@ -59,6 +61,7 @@ EDNS_DO: Final = 0x8000
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+_FRAME_AND_ID = struct.Struct("!HH")  # TCP length prefix, then the message's ID
 
 
 class Rcode(enum.IntEnum):
@@ -211,6 +214,26 @@ def answer_question_key(answer: bytes) -> bytes | None:
     return answer[HEADER_SIZE : end - 4].lower() + answer[end - 4 : end]
 
 
+def answer_matches(answer: bytes, question_key: bytes) -> bool:
+    """Whether ``answer`` is a response to the question whose key is ``question_key``.
+
+    The same as ``answer_question_key(answer) == question_key`` for a key made by
+    :func:`parse_query` (a whole, well-formed question), but an answer that repeats
+    the question byte for byte (the usual case: lower-case names, no 0x20 mixing) is matched
+    without walking its name: a name's labels chain unambiguously, so equal bytes up to the
+    key's end are an equal question.
+    """
+    if (
+        answer[HEADER_SIZE : HEADER_SIZE + len(question_key)] == question_key
+        and len(answer) >= HEADER_SIZE
+        and answer[2] & 0x80
+        and answer[4] == 0
+        and answer[5] == 1
+    ):
+        return True
+    return answer_question_key(answer) == question_key
+
+
 def truncate_for_udp(answer: bytes, limit: int) -> bytes:
     """Fit an answer into a UDP payload of ``limit`` bytes.
 
@@ -246,6 +269,13 @@ def frame(message: bytes) -> bytes:
     if len(message) > MAX_MESSAGE_SIZE:
         raise WireError("message longer than 65,535 bytes", rcode=None)
     return len(message).to_bytes(2, "big") + message
+
+
+def frame_with_id(message: bytes, new_id: int) -> bytes:
+    """``frame(replace_id(message, new_id))`` in one concatenation (every upstream query)."""
+    if len(message) > MAX_MESSAGE_SIZE:
+        raise WireError("message longer than 65,535 bytes", rcode=None)
+    return _FRAME_AND_ID.pack(len(message), new_id) + message[2:]
 
 
 class FrameDecoder:

@@ -35,9 +35,11 @@ from dot_proxy.wire import (
     FrameDecoder,
     Query,
     Rcode,
+    answer_matches,
     answer_question_key,
     error_reply,
     frame,
+    frame_with_id,
     message_id,
     parse_query,
     replace_id,
@@ -944,3 +946,41 @@ def test_decoder_default_cap() -> None:
 def test_decoder_must_hold_one_whole_message(max_buffer: int) -> None:
     with pytest.raises(ValueError, match="max_buffer"):
         FrameDecoder(max_buffer=max_buffer)
+
+
+# --- answer_matches and frame_with_id (hot-path forms of the functions above) -------------------
+
+
+@MANY
+@given(
+    name=st.sampled_from(["example.com.", "ExAmPlE.CoM.", "a.b.c.test.", ".", "x.y."]),
+    header=st.binary(min_size=12, max_size=12),
+    tail=st.binary(max_size=40),
+    cut=st.integers(0, 60),
+)
+def test_answer_matches_agrees_with_answer_question_key(
+    name: str, header: bytes, tail: bytes, cut: int
+) -> None:
+    # Keys as parse_query makes them; answers that repeat the question exactly or nearly.
+    key = parse_query(dns.message.make_query(name, "A").to_wire()).question_key
+    for answer in (header + key + tail, (header + key + tail)[:cut], header + tail):
+        assert answer_matches(answer, key) == (answer_question_key(answer) == key)
+
+
+@FEW
+@given(name=st.sampled_from(["example.com.", "ExAmPlE.CoM.", "a.b.c.test.", "."]))
+def test_answer_matches_real_answers_whatever_the_case(name: str) -> None:
+    request = dns.message.make_query(name, "A")
+    wire = request.to_wire()
+    key = parse_query(wire).question_key
+    response = dns.message.make_response(request).to_wire()
+    assert answer_matches(response, key)
+    other = dns.message.make_response(dns.message.make_query("other.test.", "A")).to_wire()
+    assert not answer_matches(other, key)
+    assert not answer_matches(wire, key)  # a query (QR clear) is no answer
+
+
+@SOME
+@given(message=st.binary(min_size=2, max_size=300), new_id=st.integers(0, 0xFFFF))
+def test_frame_with_id_is_frame_of_replace_id(message: bytes, new_id: int) -> None:
+    assert frame_with_id(message, new_id) == frame(replace_id(message, new_id))
