@@ -51,11 +51,6 @@ class BatchWriter:
         self.messages = 0  # queued so far
         self.sends = 0  # send_all calls so far; messages / sends is the batching gained
 
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes queued and not yet handed to the stream."""
-        return sum(map(len, self._queue))
-
     def write_nowait(self, data: bytes) -> None:
         """Queue ``data``; it is sent after everything queued before it."""
         self._queue.append(data)

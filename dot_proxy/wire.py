@@ -49,7 +49,6 @@ MAX_NAME_LENGTH: Final = 255
 
 # Header flag bits (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD/CD).
 FLAG_QR: Final = 0x8000
-FLAG_AA: Final = 0x0400
 FLAG_TC: Final = 0x0200
 FLAG_RD: Final = 0x0100
 FLAG_RA: Final = 0x0080
