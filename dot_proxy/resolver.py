@@ -12,7 +12,7 @@ import heapq
 import logging
 import random
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -157,16 +157,11 @@ class Resolver:
         except trio.Cancelled:
             self._failed(0, trio.current_time(), timeout=True)
             raise
-        if answer[3] & 0x0F in SOFT_FAILURES:
-            self.health[0].record_soft_failure()
-        else:
-            now = trio.current_time()
-            self.health[0].record_answer(now, now - started)
+        self._record_answer(0, answer, started)
         return answer
 
     async def _attempt(self, index: int, race: _Attempts) -> bytes | None:
         """Ask one upstream; the answer if it is the race's winner, else None."""
-        health = self.health[index]
         started = trio.current_time()
         race.running += 1
         try:
@@ -174,10 +169,8 @@ class Resolver:
         except RaceLost:
             if index == race.order[0]:
                 # The hedged-against upstream was slower than its budget and than another.
-                was_down = health.down
-                health.record_lost_race(trio.current_time())
-                if health.down and not was_down:
-                    self._log_down(index)
+                lost_at = trio.current_time()
+                self._update_health(index, lambda health: health.record_lost_race(lost_at))
             return race.answer
         except UpstreamError as exc:
             log.debug("%s", exc)
@@ -191,21 +184,29 @@ class Resolver:
         finally:
             race.running -= 1
             race.wake()
-        if answer[3] & 0x0F in SOFT_FAILURES:
-            health.record_soft_failure()
+        if not self._record_answer(index, answer, started):
             race.fallback = answer
             return None
-        now = trio.current_time()
-        health.record_answer(now, now - started)
         if race.answer is None:
             race.answer = answer
         return race.answer
 
-    def _failed(self, index: int, now: float, *, timeout: bool) -> None:
-        health = self.health[index]
-        was_down = health.down
-        health.record_failure(now, timeout=timeout)
-        if health.down and not was_down:
+    def _record_answer(self, index: int, answer: bytes, started: float) -> bool:
+        """Count an upstream's answer in its health; False for a soft failure."""
+        if answer[3] & 0x0F in SOFT_FAILURES:
+            self.health[index].record_soft_failure()
+            return False
+        finished = trio.current_time()
+        self.health[index].record_answer(finished, finished - started)
+        return True
+
+    def _failed(self, index: int, at: float, *, timeout: bool) -> None:
+        self._update_health(index, lambda health: health.record_failure(at, timeout=timeout))
+
+    def _update_health(self, index: int, change: Callable[[Health], None]) -> None:
+        was_down = self.health[index].down
+        change(self.health[index])
+        if self.health[index].down and not was_down:
             self._log_down(index)
 
     def _log_down(self, index: int) -> None:

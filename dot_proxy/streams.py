@@ -10,7 +10,28 @@ import trio
 __all__ = ["BatchWriter", "SocketWriter"]
 
 
-class BatchWriter:
+class _QueuedWriter:
+    """The part both writers share: a queue, a task parked until it fills, and close()."""
+
+    __slots__ = ("_closing", "_lot", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: list[bytes] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closing = False
+
+    def _enqueue(self, data: bytes) -> None:
+        self._queue.append(data)
+        if len(self._queue) == 1:
+            self._lot.unpark()
+
+    def close(self) -> None:
+        """Let ``run`` return once everything queued so far is sent."""
+        self._closing = True
+        self._lot.unpark()
+
+
+class BatchWriter(_QueuedWriter):
     """Serialise writes to one stream, coalescing whatever queued up meanwhile.
 
     Many tasks answer or query on one connection at once; a single writer task means their
@@ -22,16 +43,7 @@ class BatchWriter:
     raised; either way the owner closes the stream.
     """
 
-    __slots__ = (
-        "_after_send",
-        "_busy",
-        "_closing",
-        "_lot",
-        "_queue",
-        "_stream",
-        "messages",
-        "sends",
-    )
+    __slots__ = ("_after_send", "_busy", "_stream", "messages", "sends")
 
     def __init__(
         self,
@@ -40,10 +52,8 @@ class BatchWriter:
         after_send: Callable[[], None] | None = None,
         busy: Callable[[int], bool] | None = None,
     ) -> None:
+        super().__init__()
         self._stream = stream
-        self._queue: list[bytes] = []
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closing = False
         self._after_send = after_send
         # busy(queued) says whether more messages are likely to be queued in a moment (the
         # owner has other work in flight): then one scheduling round is worth waiting.
@@ -53,15 +63,8 @@ class BatchWriter:
 
     def write_nowait(self, data: bytes) -> None:
         """Queue ``data``; it is sent after everything queued before it."""
-        self._queue.append(data)
         self.messages += 1
-        if len(self._queue) == 1:
-            self._lot.unpark()
-
-    def close(self) -> None:
-        """Let :meth:`run` return once everything queued so far is sent."""
-        self._closing = True
-        self._lot.unpark()
+        self._enqueue(data)
 
     async def run(self) -> None:
         """Send queued data until closed."""
@@ -85,7 +88,7 @@ class BatchWriter:
                 self._after_send()
 
 
-class SocketWriter:
+class SocketWriter(_QueuedWriter):
     """Write DNS frames to a non-blocking stdlib socket: at once if the kernel takes them.
 
     A client connection's answers are written from the task that produced them, in one
@@ -99,16 +102,14 @@ class SocketWriter:
     producing while :attr:`backed_up` (see :meth:`wait_drained`).
     """
 
-    __slots__ = ("_blocked", "_broken", "_closing", "_drained", "_lot", "_queue", "_sock")
+    __slots__ = ("_blocked", "_broken", "_drained", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
         self._sock = sock
-        self._queue: list[bytes] = []
-        self._lot = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
         self._blocked = False
         self._broken: OSError | None = None
-        self._closing = False
 
     def write_nowait(self, data: bytes) -> None:
         """Send ``data`` now if possible, else queue it behind what is already waiting."""
@@ -126,9 +127,7 @@ class SocketWriter:
             if sent == len(data):
                 return
             data = data[sent:]
-        self._queue.append(data)
-        if len(self._queue) == 1:
-            self._lot.unpark()
+        self._enqueue(data)
 
     @property
     def backed_up(self) -> bool:
@@ -139,11 +138,6 @@ class SocketWriter:
         """Wait until everything queued so far has been handed to the kernel."""
         while self.backed_up and self._broken is None:
             await self._drained.park()
-
-    def close(self) -> None:
-        """Let :meth:`run` return once everything queued so far is sent."""
-        self._closing = True
-        self._lot.unpark()
 
     async def run(self) -> None:
         """Send whatever the kernel would not take at once, in order, until closed."""

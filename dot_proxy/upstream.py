@@ -140,6 +140,10 @@ class RaceLost(UpstreamError):
     """Another attempt at the same query answered first; its answer is in ``race.answer``."""
 
 
+def _race_lost(spec: UpstreamSpec) -> RaceLost:
+    return RaceLost(f"{spec.label}: another upstream answered first")
+
+
 class _Pending:
     """One query in flight on a connection, waiting for its answer."""
 
@@ -196,7 +200,6 @@ class Connection:
         self._received_at = now
         self._busy_since = now
         self._answered = False
-        self.queries_sent = 0
 
     @property
     def in_flight(self) -> int:
@@ -229,7 +232,6 @@ class Connection:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
         writer.write_nowait(frame_with_id(message, wire_id))
-        self.queries_sent += 1
         try:
             return await self._answer_for(pending)
         except BaseException:
@@ -243,7 +245,7 @@ class Connection:
             if pending.error is not None:
                 raise pending.error
             if race.answer is not None:
-                raise RaceLost(f"{self.spec.label}: another upstream answered first")
+                raise _race_lost(self.spec)
             await race.wait()
         return pending.answer
 
@@ -263,7 +265,7 @@ class Connection:
         self._ready_races.append(race)
         while not self.ready.is_set():
             if race.answer is not None:
-                raise RaceLost(f"{self.spec.label}: another upstream answered first")
+                raise _race_lost(self.spec)
             await race.wait()
 
     def _set_ready(self) -> None:
@@ -578,7 +580,7 @@ class Upstream:
         """
         waiter = race if race is not None else Race()
         if waiter.answer is not None:
-            raise RaceLost(f"{self.spec.label}: another upstream answered first")
+            raise _race_lost(self.spec)
         self._room_waiters[waiter] = None
         try:
             await waiter.wait()
@@ -587,7 +589,7 @@ class Upstream:
             raise
         if waiter.answer is not None:
             self._leave_line(waiter)
-            raise RaceLost(f"{self.spec.label}: another upstream answered first")
+            raise _race_lost(self.spec)
         # Woken by a slot (out of line now), or by its race (still in line: look anyway).
         self._room_waiters.pop(waiter, None)
 
