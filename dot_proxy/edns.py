@@ -14,8 +14,7 @@ names and record headers; record data is never parsed.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from dot_proxy.errors import WireError
 from dot_proxy.wire import (
@@ -25,9 +24,8 @@ from dot_proxy.wire import (
     OUR_UDP_PAYLOAD,
     TYPE_OPT,
     Rcode,
+    _name_end,
     _question_end,
-    _rr_type,
-    _skip_rr,
 )
 
 __all__ = [
@@ -63,8 +61,7 @@ _ADDED_OPT_FIXED: Final = b"\x00" + struct.pack("!HHI", TYPE_OPT, OUR_UDP_PAYLOA
 _ARCOUNT_AT: Final = 10
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
+class _Layout(NamedTuple):
     """Where a message's records end, where its OPT record is, and whether it is signed."""
 
     end: int
@@ -172,25 +169,42 @@ def strip_padding(answer: bytes, *, remove_opt: bool) -> bytes:
 
 def _layout(message: bytes) -> _Layout:
     """Walk every record, find the OPT record and any signature in the additional section."""
-    if len(message) < HEADER_SIZE:
+    size = len(message)
+    if size < HEADER_SIZE:
         raise WireError("shorter than a DNS header", rcode=Rcode.FORMERR)
     _, _, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(message)
     offset = HEADER_SIZE
     for _ in range(qdcount):
         offset = _question_end(message, offset)
-    for _ in range(ancount + nscount):
-        offset = _skip_rr(message, offset)
     opt: tuple[int, int] | None = None
     signed = False
-    for _ in range(arcount):
+    additional_from = ancount + nscount
+    # This walk runs on every answer (strip_padding): the two usual owner names, a compression
+    # pointer and the root, are skipped inline; any other goes through the full check.
+    for index in range(additional_from + arcount):
         start = offset
-        offset = _skip_rr(message, offset)
-        rr_type = _rr_type(message, start)
+        if offset >= size:
+            raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
+        label = message[offset]
+        if label >= 0xC0:
+            fixed = offset + 2
+        elif label == 0:
+            fixed = offset + 1
+        else:
+            fixed = _name_end(message, offset)
+        if fixed + 10 > size:
+            raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
+        offset = fixed + 10 + ((message[fixed + 8] << 8) | message[fixed + 9])
+        if offset > size:
+            raise WireError("record data runs past the end of the message", rcode=Rcode.FORMERR)
+        if index < additional_from:
+            continue
+        rr_type = (message[fixed] << 8) | message[fixed + 1]
         if rr_type == TYPE_OPT:
             # RFC 6891 §6.1.1: at most one OPT record, and its owner is the root.
             if opt is not None:
                 raise WireError("more than one OPT record", rcode=Rcode.FORMERR)
-            if message[start] != 0:
+            if label != 0:
                 raise WireError("OPT record not owned by the root", rcode=Rcode.FORMERR)
             opt = (start, offset)
         elif rr_type in (_TYPE_TSIG, _TYPE_SIG):

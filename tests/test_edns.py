@@ -25,8 +25,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dot_proxy.edns import OPTION_PADDING, QUERY_BLOCK, pad_query, strip_padding
+from dot_proxy.edns import OPTION_PADDING, QUERY_BLOCK, _layout, pad_query, strip_padding
 from dot_proxy.errors import WireError
+from dot_proxy.wire import Rcode, _question_end, _rr_type, _skip_rr
 
 SOME = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -421,6 +422,43 @@ def test_strip_padding_never_raises(data: bytes) -> None:
         result = strip_padding(data, remove_opt=remove_opt)
         assert isinstance(result, bytes)
         assert len(result) <= len(data)
+
+
+def reference_layout(wire: bytes) -> tuple[int, tuple[int, int] | None, bool]:
+    """The record walk done the plain way, with the wire module's per-record helpers."""
+    if len(wire) < 12:
+        raise WireError("short", rcode=Rcode.FORMERR)
+    _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(wire)
+    offset = 12
+    for _ in range(qdcount):
+        offset = _question_end(wire, offset)
+    for _ in range(ancount + nscount):
+        offset = _skip_rr(wire, offset)
+    opt, signed = None, False
+    for _ in range(arcount):
+        start, offset = offset, _skip_rr(wire, offset)
+        rr_type = _rr_type(wire, start)
+        if rr_type == TYPE_OPT:
+            if opt is not None or wire[start] != 0:
+                raise WireError("bad OPT", rcode=Rcode.FORMERR)
+            opt = (start, offset)
+        elif rr_type in (24, 250):
+            signed = True
+    return offset, opt, signed
+
+
+@SOME
+@given(st.one_of(st.binary(max_size=300), mangled(answers().map(lambda built: built[1]))))
+def test_fast_record_walk_agrees_with_the_plain_one(data: bytes) -> None:
+    # _layout skips the usual owner names inline (it runs on every answer): it must accept,
+    # reject and locate exactly as the walk built from the wire module's helpers does.
+    try:
+        expected = reference_layout(data)
+    except WireError:
+        with pytest.raises(WireError):
+            _layout(data)
+        return
+    assert tuple(_layout(data)) == expected
 
 
 # --- strip_padding: examples -----------------------------------------------------------------
