@@ -14,6 +14,7 @@ import trio
 from dot_proxy import pins
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import UpstreamError
+from dot_proxy.streams import EagerSocketStream
 from dot_proxy.upstream import make_ssl_context, open_tls, quickack_hook
 from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, message_id
 
@@ -64,7 +65,7 @@ async def _check_one(spec: UpstreamSpec, config: Config, out: Print) -> bool:
 
 
 def _describe_tls(
-    spec: UpstreamSpec, stream: trio.SSLStream[trio.SocketStream], out: Print
+    spec: UpstreamSpec, stream: trio.SSLStream[EagerSocketStream], out: Print
 ) -> None:
     cipher = stream.cipher()
     alpn = stream.selected_alpn_protocol() or "none"
@@ -102,7 +103,7 @@ async def _show_presented_key(spec: UpstreamSpec, config: Config, out: Print) ->
         await trio.aclose_forcefully(stream)
 
 
-async def _test_query(stream: trio.SSLStream[trio.SocketStream]) -> str:
+async def _test_query(stream: trio.SSLStream[EagerSocketStream]) -> str:
     await stream.send_all(frame(TEST_QUERY))
     quickack = quickack_hook(stream)  # the proxy does the same; see upstream.py
     if quickack is not None:

@@ -27,7 +27,7 @@ from dot_proxy.errors import (
     UpstreamTLSError,
     WireError,
 )
-from dot_proxy.streams import BatchWriter
+from dot_proxy.streams import BatchWriter, EagerSocketStream
 from dot_proxy.wire import (
     HEADER_SIZE,
     NEED_DATA,
@@ -72,7 +72,7 @@ def make_ssl_context(*, ca_file: str | None, pins_only: bool = False) -> ssl.SSL
     return context
 
 
-def check_pins(spec: UpstreamSpec, stream: trio.SSLStream[trio.SocketStream]) -> None:
+def check_pins(spec: UpstreamSpec, stream: trio.SSLStream[EagerSocketStream]) -> None:
     """Raise :class:`UpstreamTLSError` unless the server's key matches one of ``spec.pins``.
 
     Python before 3.13 exposes only the leaf certificate, so the pin must be the server's
@@ -301,7 +301,7 @@ class Connection:
 
     async def run(self) -> None:
         """Connect, then serve queries until retired. Never raises but Cancelled."""
-        stream: trio.SSLStream[trio.SocketStream] | None = None
+        stream: trio.SSLStream[EagerSocketStream] | None = None
         try:
             with self._scope:
                 try:
@@ -338,14 +338,14 @@ class Connection:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
-    async def _connect(self) -> trio.SSLStream[trio.SocketStream]:
+    async def _connect(self) -> trio.SSLStream[EagerSocketStream]:
         with trio.move_on_after(self._connect_timeout):
             return await open_tls(self.spec, self._ssl_context)
         raise UpstreamConnectError(
             f"{self.spec.label}: no TLS connection within {self._connect_timeout:g} s"
         )
 
-    async def _read_loop(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
+    async def _read_loop(self, stream: trio.SSLStream[EagerSocketStream]) -> None:
         decoder = FrameDecoder()
         label = self.spec.label
         while True:
@@ -436,7 +436,7 @@ class Connection:
 
 async def open_tls(
     spec: UpstreamSpec, context: ssl.SSLContext
-) -> trio.SSLStream[trio.SocketStream]:
+) -> trio.SSLStream[EagerSocketStream]:
     """Connect to ``spec`` and complete an authenticated TLS handshake (no deadline of its own).
 
     Error handling: raises :class:`UpstreamConnectError` (TCP) or :class:`UpstreamTLSError`
@@ -444,9 +444,12 @@ async def open_tls(
     on success the caller owns the stream.
     """
     try:
-        tcp = await trio.open_tcp_stream(spec.host, spec.port)
+        connected = await trio.open_tcp_stream(spec.host, spec.port)
     except OSError as exc:
         raise UpstreamConnectError(f"{spec.label}: connect failed: {exc.strerror or exc}") from exc
+    # trio connected it (happy eyeballs, TCP_NODELAY, TCP_NOTSENT_LOWAT); the hot path then
+    # runs over the bare socket (see EagerSocketStream).
+    tcp = EagerSocketStream(socket.socket(fileno=connected.socket.detach()))
     # https_compatible: DNS messages are length-framed, so a TCP close without TLS close_notify
     # cannot truncate an answer unnoticed; treating it as plain EOF avoids spurious errors from
     # servers that skip close_notify, and closing costs no round trip.
@@ -475,7 +478,7 @@ def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> Upstr
     return UpstreamConnectError(f"{spec.label}: connection lost during the TLS handshake")
 
 
-def quickack_hook(stream: trio.SSLStream[trio.SocketStream]) -> Callable[[], None] | None:
+def quickack_hook(stream: trio.SSLStream[EagerSocketStream]) -> Callable[[], None] | None:
     # Linux delays ACKs; a TLS 1.3 server that sends its session ticket first and then the
     # answer can sit ~40 ms on our delayed ACK. TCP_QUICKACK is not sticky, so it is set
     # again after each write.
