@@ -404,3 +404,15 @@ def test_signal_stops_the_proxy_with_exit_0(signum: int) -> None:
             proxy.kill()
     assert not any("Traceback" in line for line in proxy.stderr), "".join(proxy.stderr)
     assert any(signal.Signals(signum).name in line for line in proxy.stderr)
+
+
+def test_every_upstream_in_the_readme_examples_parses() -> None:
+    # The README's examples are what users paste: each --upstream in them must be accepted,
+    # and the pinned Cloudflare and Quad9 ones must carry their pins.
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    upstreams = re.findall(r"--upstream '([^']+)'", readme)
+    assert len(upstreams) >= 2
+    specs = [build_config(["--upstream", upstream], {}).upstreams[0] for upstream in upstreams]
+    pinned = {spec.auth_name: spec.pins for spec in specs if spec.pins}
+    assert pinned["cloudflare-dns.com"] == ("SPfg6FluPIlUc6a5h313BDCxQYNGX+THTy7ig5X3+VA=",)
+    assert pinned["dns.quad9.net"] == ("i2kObfz0qIKCGNWt7MjBUeSrh0Dyjb0/zWINImZES+I=",)
