@@ -220,6 +220,9 @@ class EagerSocketStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         sock = self.socket
         size = 65536 if max_bytes is None else max_bytes
+        if size < 1:
+            # b"" means end of stream: a zero-byte read must not look like one.
+            raise ValueError("max_bytes must be >= 1")
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the stream is closed")
