@@ -36,7 +36,7 @@ _HEDGER_TICK = 0.02
 # Under load a hedge falls due every few hundred µs; waking for each cost ~10 µs of CPU per
 # query (a cancel scope and a deadline per sleep). Hedges due within this of the first one due
 # start together instead: at most this late, against a budget of at least HEDGE_FLOOR.
-_HEDGER_RESOLUTION = 0.005
+HEDGER_RESOLUTION = 0.005
 # ". IN NS" with RD set: any DNS answer to it, even REFUSED, shows the upstream is alive.
 PROBE_QUERY = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x02\x00\x01"
 PROBE_KEY = b"\x00\x00\x02\x00\x01"
@@ -260,7 +260,7 @@ class Resolver:
                     race.hedge_scope = trio.CancelScope(deadline=race.deadline)
                     self._nursery.start_soon(self._hedge, race, race.hedge_scope)
             if hedges:
-                wake_at = max(hedges[0][0], now + _HEDGER_RESOLUTION)
+                wake_at = max(hedges[0][0], now + HEDGER_RESOLUTION)
                 await trio.sleep_until(min(wake_at, now + _HEDGER_TICK))
 
     def _may_hedge(self, race: _Attempts) -> bool:

@@ -27,7 +27,7 @@ import trustme
 import dot_proxy.server
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.health import TIMEOUTS_TO_DOWN
-from dot_proxy.resolver import HEDGE_FLOOR, PROBE_INTERVAL, Resolver
+from dot_proxy.resolver import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL, Resolver
 from dot_proxy.upstream import Race
 from tests.clients import query, udp_exchange
 from tests.conftest import RunningProxy, StartProxy, StartUpstream
@@ -478,6 +478,36 @@ async def test_hedge_after_decides_when_the_second_upstream_is_asked_too(
     if answered_by == A:
         assert second.connections == 0
     assert proxy.stats.servfail == 0
+
+
+async def test_under_load_hedges_due_close_together_start_together(
+    clock: trio.testing.MockClock,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+) -> None:
+    # Twenty slow queries, 1 ms apart: waking the hedger once per query cost ~10 µs of CPU
+    # each under load. Hedges due within the hedger's resolution start in one wake-up, and
+    # none starts before its budget or more than the resolution after it.
+    first = await start_upstream(by_kind(A, {"slow": 2.0}))
+    second = await start_upstream(answering(from_address(B)))
+    proxy = await start_proxy([first, second])  # hedge_after: auto
+    assert await address_of(proxy, "fast") == A
+    answered_at: list[float] = []
+
+    async def slow(index: int) -> None:
+        await trio.sleep(index * 0.001)
+        asked_at = trio.current_time()
+        answer, elapsed = await ask(proxy, f"slow{index}")
+        assert address(answer) == B
+        assert HEDGE_FLOOR - 1e-9 <= elapsed <= HEDGE_FLOOR + HEDGER_RESOLUTION + 1e-9
+        answered_at.append(asked_at + elapsed)
+
+    async with trio.open_nursery() as clients:
+        for index in range(20):
+            clients.start_soon(slow, index)
+    # 20 ms of hedges: a handful of wake-ups (four at 5 ms resolution), not twenty.
+    wake_ups = {round(at, 6) for at in answered_at}
+    assert len(wake_ups) <= 0.020 / HEDGER_RESOLUTION + 1 < 10
 
 
 async def test_a_hedged_query_is_abandoned_without_harm_to_its_connection(
