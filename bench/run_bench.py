@@ -46,12 +46,18 @@ SYSTEMS = (
     "dot-proxy",
     "dot-proxy-no-padding",
     "dot-proxy-no-reuse",
+    "dot-proxy-workers-2",
     "stubby",
     "dnsdist",
     "limit",
 )
 # dot-proxy variants: what each adds to its command line.
-VARIANT_FLAGS = {"dot-proxy-no-reuse": ["--no-reuse"], "dot-proxy-no-padding": ["--no-padding"]}
+VARIANT_FLAGS = {
+    "dot-proxy-no-reuse": ["--no-reuse"],
+    "dot-proxy-no-padding": ["--no-padding"],
+    # Two processes on one port (SO_REUSEPORT); CPU and RSS are summed over the workers.
+    "dot-proxy-workers-2": ["--workers", "2"],
+}
 # Debian packages that provide each program the selected systems need.
 PACKAGES = {"unbound": "unbound", "dnsperf": "dnsperf", "stubby": "stubby", "dnsdist": "dnsdist"}
 

@@ -24,8 +24,9 @@ from dot_proxy import __version__
 from dot_proxy.check import run_check
 from dot_proxy.config import DEFAULT_UPSTREAMS, Config, parse_listen_address, parse_upstream
 from dot_proxy.errors import ConfigError
-from dot_proxy.server import bind_sockets, serve
+from dot_proxy.server import bind_worker_sockets, serve
 from dot_proxy.upstream import make_ssl_context
+from dot_proxy.workers import run_workers, watch_parent
 
 __all__ = ["build_config", "main"]
 
@@ -134,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with several upstreams: failover (in order; default), round-robin, or fastest",
     )
     add(
+        "--workers",
+        metavar="N",
+        help="processes serving the same port, each with its own upstream connections: "
+        "throughput on a machine with cores to spare (default: 1)",
+    )
+    add(
         "--hedge-after",
         metavar="SECONDS|auto|off",
         help="also ask the next upstream when the first has not answered after this long "
@@ -182,6 +189,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         max_in_flight=value.one("max_in_flight", int, defaults.max_in_flight),
         upstream_policy=value.one("upstream_policy", str.lower, defaults.upstream_policy),
         hedge_after=value.one("hedge_after", _hedge_after, defaults.hedge_after),
+        workers=value.one("workers", int, defaults.workers),
     )
 
 
@@ -248,10 +256,12 @@ def _check_ca_file(path: str) -> None:
         raise ConfigError(f"--ca-file: {path!r} holds no usable CA certificate ({exc})") from None
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, *, workers: int = 1) -> None:
+    # With several workers, each line says which process wrote it.
+    process = " [%(process)d]" if workers > 1 else ""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -289,20 +299,30 @@ def _check(args: list[str]) -> NoReturn:
     sys.exit(trio.run(run_check, config))
 
 
-async def _run(config: Config, sockets: list[socket.socket]) -> None:
+async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
+        if parent is not None:
+            nursery.start_soon(watch_parent, parent, stop)
         await serve(config, sockets=sockets, stop=stop)
         nursery.cancel_scope.cancel()
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:
+    # Signals keep being taken until serving ends: a worker gets Ctrl-C from the terminal and
+    # SIGTERM from its supervisor, and the second must not kill it mid-way through stopping.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
             stop.set()
-            return
+
+
+def _serve_worker(config: Config) -> Callable[[list[socket.socket], int], None]:
+    def serve_one(sockets: list[socket.socket], parent: int) -> None:
+        trio.run(_run, config, sockets, parent)
+
+    return serve_one
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -315,12 +335,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         _check(args[1:])
     try:
         config = build_config(args, os.environ)
-        _configure_logging(config.log_level)
-        sockets = bind_sockets(config)
+        _configure_logging(config.log_level, workers=config.workers)
+        socket_sets = bind_worker_sockets(config)
         if config.user is not None:
             _drop_privileges(config.user)
     except ConfigError as exc:
         print(f"dot-proxy: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    trio.run(_run, config, sockets)
+    if len(socket_sets) == 1:
+        trio.run(_run, config, socket_sets[0])
+        log.info("stopped")
+        return
+    status = run_workers(socket_sets, _serve_worker(config))
     log.info("stopped")
+    sys.exit(status)

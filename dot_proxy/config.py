@@ -85,6 +85,8 @@ class Config:
     ratelimit: float = 0.0  # queries/s per /24 or /56; 0 = off
     user: str | None = None
     hedge_after: float | None = None
+    # Processes serving the same port (SO_REUSEPORT), each the whole proxy with its own pool.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -100,6 +102,7 @@ class Config:
         _check_range("--max-pipeline", self.max_pipeline, 1, 65535)
         _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
         _check_range("--max-tcp-clients", self.max_tcp_clients, 1, 1_000_000)
+        _check_range("--workers", self.workers, 1, 256)
         if not 0 <= self.ratelimit < float("inf"):
             raise ConfigError(f"--ratelimit: {self.ratelimit} must be 0 (off) or a rate per second")
         for network in self.allow:

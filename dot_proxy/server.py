@@ -7,6 +7,7 @@ then gives work in flight a grace period before cancelling it too.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import socket
@@ -21,7 +22,7 @@ from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.listeners import Listening, serve_tcp, serve_udp
 from dot_proxy.resolver import open_resolver
 
-__all__ = ["QueryHandler", "ServerStats", "bind_sockets", "serve"]
+__all__ = ["QueryHandler", "ServerStats", "bind_sockets", "bind_worker_sockets", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,12 @@ SHUTDOWN_GRACE = 1.0
 TCP_BACKLOG = 1024
 
 
-def bind_sockets(config: Config) -> list[socket.socket]:
+def bind_sockets(config: Config, *, reuse_port: bool = False) -> list[socket.socket]:
     """Bind a UDP and a TCP socket on each listen address, all on one port.
 
     With ``port`` 0 the kernel picks a port for the first socket and every other socket takes
-    the same one, so a client can use UDP and TCP alike (tests read it back).
+    the same one, so a client can use UDP and TCP alike (tests read it back). ``reuse_port``
+    sets SO_REUSEPORT, so that other processes' sockets may share the port.
 
     Error handling: raises :class:`ConfigError` with a one-line explanation (no privilege for
     a low port, address in use, address not on this host). Resource handling: on error, every
@@ -41,17 +43,41 @@ def bind_sockets(config: Config) -> list[socket.socket]:
     """
     for _attempt in range(20):
         try:
-            return _bind_all(config)
+            return _bind_all(config, reuse_port)
         except _PortTaken:
             continue
     raise ConfigError("--port 0: could not find one free port for UDP and TCP")
+
+
+def bind_worker_sockets(config: Config) -> list[list[socket.socket]]:
+    """One set of sockets per worker (``--workers``), all on the same port.
+
+    With several workers every socket has SO_REUSEPORT: the kernel spreads UDP clients (by
+    address and port) and TCP connections across the workers' sockets. Error handling and
+    resource handling as :func:`bind_sockets`.
+    """
+    if config.workers == 1:
+        return [bind_sockets(config)]
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError("--workers: this system has no SO_REUSEPORT; use --workers 1")
+    sets = [bind_sockets(config, reuse_port=True)]
+    try:
+        same_port = dataclasses.replace(config, port=sets[0][0].getsockname()[1])
+        for _ in range(config.workers - 1):
+            sets.append(bind_sockets(same_port, reuse_port=True))
+    except BaseException:
+        for sockets in sets:
+            for sock in sockets:
+                sock.close()
+        raise
+    return sets
 
 
 class _PortTaken(Exception):
     pass
 
 
-def _bind_all(config: Config) -> list[socket.socket]:
+def _bind_all(config: Config, reuse_port: bool) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     port = config.port
     defaults = config.listen == Config.__dataclass_fields__["listen"].default
@@ -59,7 +85,7 @@ def _bind_all(config: Config) -> list[socket.socket]:
         for address in config.listen:
             for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                 try:
-                    sock = _bind_one(address, port, kind)
+                    sock = _bind_one(address, port, kind, reuse_port)
                 except OSError as exc:
                     if defaults and address == "::" and exc.errno in _NO_IPV6:
                         log.warning("IPv6 is not available here; listening on IPv4 only")
@@ -79,7 +105,7 @@ def _bind_all(config: Config) -> list[socket.socket]:
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 
 
-def _bind_one(address: str, port: int, kind: int) -> socket.socket:
+def _bind_one(address: str, port: int, kind: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, kind)
     try:
@@ -88,6 +114,8 @@ def _bind_one(address: str, port: int, kind: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address, port))
         if kind == socket.SOCK_STREAM:
             sock.listen(TCP_BACKLOG)

@@ -871,8 +871,22 @@ class ProcSample:
     peak_rss_bytes: int
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``dot-proxy --workers`` forks its workers)."""
+    tree = [pid]
+    for member in tree:
+        for children in Path(f"/proc/{member}/task").glob("*/children"):
+            with contextlib.suppress(FileNotFoundError):
+                tree.extend(int(child) for child in children.read_text().split())
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread), from ``/proc/PID/stat``."""
+    """utime + stime of the whole process (every thread) and its live children."""
+    return sum(_own_cpu_seconds(member) for member in process_tree(pid))
+
+
+def _own_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
     fields = stat[stat.rindex(")") + 2 :].split()
@@ -888,13 +902,13 @@ def _status_kib(pid: int, key: str) -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size now (``VmRSS``)."""
-    return _status_kib(pid, "VmRSS") * 1024
+    """Resident set size now (``VmRSS``), summed over the process and its live children."""
+    return sum(_status_kib(member, "VmRSS") for member in process_tree(pid)) * 1024
 
 
 def peak_rss_bytes(pid: int) -> int:
-    """Highest resident set size since the process started (``VmHWM``)."""
-    return _status_kib(pid, "VmHWM") * 1024
+    """Highest resident set size since start (``VmHWM``), summed over the process tree."""
+    return sum(_status_kib(member, "VmHWM") for member in process_tree(pid)) * 1024
 
 
 def sample_process(pid: int) -> ProcSample:

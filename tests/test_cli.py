@@ -233,11 +233,11 @@ def test_no_permission_for_a_low_port_says_how_to_choose_another(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The tests run as root, so simulate what an unprivileged bind() gets.
-    def refuse(address: str, port: int, kind: int) -> socket.socket:
+    def refuse(address: str, port: int, kind: int, reuse_port: bool) -> socket.socket:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(server, "_bind_one", refuse)
-    monkeypatch.setattr(cli, "_configure_logging", lambda level: None)
+    monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
     with pytest.raises(SystemExit) as exited:
         cli.main(["--listen", "127.0.0.1", "--port", "53"])
     assert exited.value.code == 2
@@ -382,6 +382,17 @@ class Proxy:
             self.process.stderr.close()
 
 
+def udp_servfail(port: int) -> None:
+    """One UDP query to the proxy on ``port``, answered SERVFAIL (its upstream refuses)."""
+    request = dns.message.make_query("example.com.", "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(HANG_GUARD)
+        client.sendto(request.to_wire(), ("127.0.0.1", port))
+        answer = dns.message.from_wire(client.recv(65535))
+    assert answer.id == request.id
+    assert answer.rcode() == dns.rcode.SERVFAIL
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_the_proxy_with_exit_0(signum: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
@@ -390,14 +401,7 @@ def test_signal_stops_the_proxy_with_exit_0(signum: int) -> None:
         proxy = Proxy("--listen", "127.0.0.1", "--port", "0", "--upstream", upstream)
         try:
             port = proxy.wait_for_port()
-            # It serves: a query gets SERVFAIL at once (the upstream refuses).
-            request = dns.message.make_query("example.com.", "A")
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-                client.settimeout(HANG_GUARD)
-                client.sendto(request.to_wire(), ("127.0.0.1", port))
-                answer = dns.message.from_wire(client.recv(65535))
-            assert answer.id == request.id
-            assert answer.rcode() == dns.rcode.SERVFAIL
+            udp_servfail(port)  # it serves: SERVFAIL at once (the upstream refuses)
             proxy.process.send_signal(signum)
             assert proxy.finish() == 0
         finally:

@@ -170,3 +170,22 @@ def test_sigterm_stops_the_proxy_with_exit_status_0(
         assert running.process.wait(timeout=10) == 0
     finally:
         running.cleanup()
+
+
+@pytest.mark.parametrize("mode", ["udp", "tcp"])
+def test_two_workers_answer_dnsperf_without_loss(
+    start_dot_proxy: Callable[..., realdns.DotProxy],
+    require_tools: Callable[..., None],
+    tmp_path_factory: pytest.TempPathFactory,
+    mode: realdns.DnsperfMode,
+) -> None:
+    # --workers 2 under load, each worker with its own TLS pool to unbound: every query gets
+    # the zone's answer (NOERROR or NXDOMAIN), none is lost, and SIGTERM stops them with 0.
+    require_tools("dnsperf")
+    proxy = start_dot_proxy("--workers", "2")
+    queries = realdns.write_queries(tmp_path_factory.mktemp("q") / "q.txt", realdns.Zone())
+    result = realdns.run_dnsperf(proxy.port, queries, mode=mode, clients=10, seconds=2)
+    assert result.queries_completed > 0
+    assert result.queries_lost == 0
+    assert set(result.rcodes) <= {"NOERROR", "NXDOMAIN"}, result.rcodes
+    assert proxy.stop() == 0

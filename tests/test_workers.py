@@ -1,0 +1,139 @@
+"""``--workers N``: N processes on one port, supervised by the one that started them.
+
+Run as subprocesses, as users run them. The upstream is a bound, non-listening port, so every
+query is answered SERVFAIL at once: enough to see which worker answered (debug lines carry
+the process id) without any TLS. What is checked: the workers share UDP and TCP on one port
+and each answers; SIGTERM stops them all with exit 0; a worker that dies on its own stops the
+rest and the proxy exits 1 (so that its supervisor restarts it whole); workers whose
+supervisor was killed stop by themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import pytest
+
+from dot_proxy.cli import build_config
+from dot_proxy.errors import ConfigError
+from dot_proxy.workers import PARENT_CHECK_INTERVAL
+from tests.test_cli import HANG_GUARD, Proxy, udp_servfail
+
+
+@pytest.fixture
+def refusing_upstream() -> Iterator[str]:
+    """An upstream spec whose port is bound but not listening: connections are refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{closed.getsockname()[1]}#dns.test"
+
+
+@pytest.fixture
+def two_workers(refusing_upstream: str) -> Iterator[tuple[Proxy, int]]:
+    proxy = Proxy(
+        *("--listen", "127.0.0.1", "--port", "0", "--workers", "2"),
+        *("--upstream", refusing_upstream, "--log-level", "debug"),
+    )
+    try:
+        yield proxy, proxy.wait_for_port()
+    finally:
+        proxy.kill()
+        for pid in children_of(proxy.process.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie nobody reaped has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + HANG_GUARD
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def tcp_servfail(port: int) -> None:
+    request = dns.message.make_query("example.com.", "A").to_wire()
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as client:
+        client.sendall(struct.pack("!H", len(request)) + request)
+        length = struct.unpack("!H", client.recv(2, socket.MSG_WAITALL))[0]
+        answer = dns.message.from_wire(client.recv(length, socket.MSG_WAITALL))
+    assert answer.rcode() == dns.rcode.SERVFAIL
+
+
+def test_workers_share_the_port_each_answers_and_sigterm_stops_all(
+    two_workers: tuple[Proxy, int],
+) -> None:
+    proxy, port = two_workers
+    workers = children_of(proxy.process.pid)
+    assert len(workers) == 2
+    # Each query from a socket of its own: the kernel spreads clients by address and port.
+    for _ in range(40):
+        udp_servfail(port)
+    for _ in range(10):
+        tcp_servfail(port)
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.finish() == 0
+    assert not any(running(pid) for pid in workers)
+    text = "".join(proxy.stderr)
+    assert "Traceback" not in text, text
+    assert "started 2 workers" in text
+    # Debug lines name their process: both workers answered queries.
+    answered_by = set(re.findall(r"\[(\d+)\] dot_proxy\.\w+: upstream failed", text))
+    assert answered_by == {str(pid) for pid in workers}
+
+
+def test_a_worker_that_dies_stops_the_other_and_the_proxy_exits_1(
+    two_workers: tuple[Proxy, int],
+) -> None:
+    proxy, _ = two_workers
+    dead, survivor = children_of(proxy.process.pid)
+    os.kill(dead, signal.SIGKILL)
+    assert proxy.finish() == 1
+    assert not running(survivor)
+    text = "".join(proxy.stderr)
+    assert f"(pid {dead}) ended" in text
+    assert "Traceback" not in text, text
+
+
+def test_workers_stop_by_themselves_when_their_supervisor_is_killed(
+    two_workers: tuple[Proxy, int],
+) -> None:
+    proxy, _ = two_workers
+    workers = children_of(proxy.process.pid)
+    proxy.process.kill()
+    proxy.process.wait()
+    # Within a check interval or so; the bound is a hang guard, not a speed assertion.
+    wait_until(lambda: not any(running(pid) for pid in workers), "workers outlived the kill")
+    assert PARENT_CHECK_INTERVAL < HANG_GUARD
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "257"])
+def test_bad_worker_counts_are_config_errors(value: str) -> None:
+    with pytest.raises(ConfigError, match="--workers"):
+        build_config(["--workers", value], {})
+
+
+def test_workers_from_the_environment() -> None:
+    assert build_config([], {"DOT_PROXY_WORKERS": "3"}).workers == 3
+    assert build_config([], {}).workers == 1
