@@ -15,7 +15,7 @@ from dot_proxy import pins
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import UpstreamError
 from dot_proxy.streams import EagerSocketStream
-from dot_proxy.upstream import make_ssl_context, open_tls, quickack_hook
+from dot_proxy.tls import make_ssl_context, open_tls, quickack_hook
 from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, message_id
 
 __all__ = ["run_check"]
@@ -105,7 +105,7 @@ async def _show_presented_key(spec: UpstreamSpec, config: Config, out: Print) ->
 
 async def _test_query(stream: trio.SSLStream[EagerSocketStream]) -> str:
     await stream.send_all(frame(TEST_QUERY))
-    quickack = quickack_hook(stream)  # the proxy does the same; see upstream.py
+    quickack = quickack_hook(stream)  # the proxy does the same; see tls.py
     if quickack is not None:
         quickack()
     decoder = FrameDecoder()

@@ -18,9 +18,10 @@ from contextlib import asynccontextmanager
 import trio
 
 from dot_proxy.config import Config
+from dot_proxy.connection import Race, RaceLost
 from dot_proxy.errors import UpstreamError
 from dot_proxy.health import Health, Policy, order_upstreams
-from dot_proxy.upstream import Race, RaceLost, Upstream, open_upstreams
+from dot_proxy.upstream import Upstream, open_upstreams
 from dot_proxy.wire import Rcode
 
 __all__ = ["Resolver", "open_resolver"]

@@ -1,6 +1,6 @@
 """Fake DoT upstreams for the fuzz target: byte pipes in memory, answers from dnspython.
 
-A :class:`FakeNetwork` stands in for ``dot_proxy.upstream.open_tls``: each connection the pool
+A :class:`FakeNetwork` stands in for ``dot_proxy.connection.open_tls``: each connection the pool
 opens gets one end of ``trio.testing.memory_stream_pair()``, and a task serving the other end
 does what the upstream's :class:`Mode` says, query by query. Everything it sends is kept in
 ``FakeNetwork.sent`` for the invariants (fuzz/invariants.py).
@@ -160,7 +160,7 @@ class FakeNetwork:
     sent: list[bytes] = field(default_factory=list)
 
     async def open_tls(self, spec: UpstreamSpec, _context: ssl.SSLContext) -> trio.abc.Stream:
-        """Stands in for ``dot_proxy.upstream.open_tls``: same errors, no socket."""
+        """Stands in for ``dot_proxy.connection.open_tls``: same errors, no socket."""
         mode = self.modes[self.ports[spec.port]]
         await trio.lowlevel.checkpoint()
         if mode is Mode.CONNECT_REFUSED:

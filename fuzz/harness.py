@@ -5,7 +5,7 @@ Shared by the atheris target (``fuzz/fuzz_query_path.py``) and the corpus replay
 
 What runs is the real stack: ``QueryHandler`` over a real ``Resolver`` (hedger and prober
 running) over real ``Upstream`` pools and ``Connection`` objects. Only the byte pipe under a
-connection is fake: ``dot_proxy.upstream.open_tls`` is swapped, for the length of one run, for
+connection is fake: ``dot_proxy.connection.open_tls`` is swapped, for the length of one run, for
 a function that hands the connection one end of ``trio.testing.memory_stream_pair()`` and
 serves the other end with a fake upstream that answers through dnspython
 (fuzz/fake_upstreams.py). No TLS runs on that pipe: TLS is OpenSSL's and trio's byte layer,
@@ -32,7 +32,7 @@ import outcome
 import trio
 import trio.testing
 
-from dot_proxy import upstream as upstream_module
+from dot_proxy import connection as connection_module
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.resolver import Resolver
@@ -200,11 +200,11 @@ class QueryPath:
 
 @contextmanager
 def _swapped_open_tls(network: FakeNetwork) -> Iterator[None]:
-    # Connection._connect and Connection.run look these names up in dot_proxy.upstream at call
-    # time: swapping them is the one seam needed to run the pool over memory streams.
+    # Connection._connect and Connection.run look these names up in dot_proxy.connection at
+    # call time: swapping them is the one seam needed to run the pool over memory streams.
     with (
-        mock.patch.object(upstream_module, "open_tls", network.open_tls),
-        mock.patch.object(upstream_module, "quickack_hook", _no_quickack),
+        mock.patch.object(connection_module, "open_tls", network.open_tls),
+        mock.patch.object(connection_module, "quickack_hook", _no_quickack),
     ):
         yield
 
