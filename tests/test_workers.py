@@ -3,9 +3,9 @@
 Run as subprocesses, as users run them. The upstream is a bound, non-listening port, so every
 query is answered SERVFAIL at once: enough to see which worker answered (debug lines carry
 the process id) without any TLS. What is checked: the workers share UDP and TCP on one port
-and each answers; SIGTERM stops them all with exit 0; a worker that dies on its own stops the
-rest and the proxy exits 1 (so that its supervisor restarts it whole); workers whose
-supervisor was killed stop by themselves.
+and each answers; SIGTERM or SIGINT stops them all with exit 0; a worker that dies on its own
+stops the rest and the proxy exits 1 (so that its supervisor restarts it whole); workers
+whose supervisor was killed stop by themselves.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def tcp_servfail(port: int) -> None:
     assert answer.rcode() == dns.rcode.SERVFAIL
 
 
-def test_workers_share_the_port_each_answers_and_sigterm_stops_all(
-    two_workers: tuple[Proxy, int],
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_workers_share_the_port_each_answers_and_a_signal_stops_all(
+    two_workers: tuple[Proxy, int], signum: int
 ) -> None:
     proxy, port = two_workers
     workers = children_of(proxy.process.pid)
@@ -92,7 +93,8 @@ def test_workers_share_the_port_each_answers_and_sigterm_stops_all(
         udp_servfail(port)
     for _ in range(10):
         tcp_servfail(port)
-    proxy.process.send_signal(signal.SIGTERM)
+    # To the supervisor alone (as from kill or systemd): it passes the stop on.
+    proxy.process.send_signal(signum)
     assert proxy.finish() == 0
     assert not any(running(pid) for pid in workers)
     text = "".join(proxy.stderr)
