@@ -227,9 +227,12 @@ Machine load average (1 min) {m.loadavg_before:.2f} before, \
   answer only when it sends the next query (its latency equals the query interval).
 - **CPU µs/query**: user + system time of the system's process (all threads, from
   `/proc/PID/stat`) over each max-load run, divided by the answers; median over rounds. For
-  the limit row that process is unbound itself.
+  the limit row that process is unbound itself; for `dot-proxy-workers-2` (`--workers 2`) it is
+  the supervisor and its two workers together.
 - **peak RSS**: `VmHWM` of the process at the end of the benchmark; **RSS first-last**:
-  `VmRSS` after the first and after the last max-load run on that transport.
+  `VmRSS` after the first and after the last max-load run on that transport. Summed over the
+  three processes of `dot-proxy-workers-2`, which share the pages they had when forked: the sum
+  counts those more than once.
 - **x stubby / x dnsdist**: throughput ratio to that peer on the same transport; **x limit**:
   to dnsperf speaking DoT straight to unbound (dnsperf does not verify the certificate).
 
