@@ -26,9 +26,9 @@ import trustme
 
 import dot_proxy.server
 from dot_proxy.config import Config, parse_upstream
+from dot_proxy.connection import Race
 from dot_proxy.health import TIMEOUTS_TO_DOWN
 from dot_proxy.resolver import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL, Resolver
-from dot_proxy.connection import Race
 from tests.clients import query, udp_exchange
 from tests.conftest import RunningProxy, StartProxy, StartUpstream
 from tests.fakes import (
