@@ -136,9 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--workers",
-        metavar="N",
+        metavar="N|auto",
         help="processes serving the same port, each with its own upstream connections: "
-        "throughput on a machine with cores to spare (default: 1)",
+        "throughput on a machine with cores to spare; auto: one per usable core (default: 1)",
     )
     add(
         "--hedge-after",
@@ -189,7 +189,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         max_in_flight=value.one("max_in_flight", int, defaults.max_in_flight),
         upstream_policy=value.one("upstream_policy", str.lower, defaults.upstream_policy),
         hedge_after=value.one("hedge_after", _hedge_after, defaults.hedge_after),
-        workers=value.one("workers", int, defaults.workers),
+        workers=value.one("workers", _workers, defaults.workers),
     )
 
 
@@ -227,6 +227,13 @@ class _Lookup:
             return [item for item in (part.strip() for part in raw.split(",")) if item]
         assert isinstance(raw, list)
         return [str(item) for item in raw]
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        # The cores this process may run on (a container's CPU set), not the machine's.
+        return len(os.sched_getaffinity(0))
+    return int(text)
 
 
 def _hedge_after(text: str) -> float | None:

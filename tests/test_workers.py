@@ -139,3 +139,9 @@ def test_bad_worker_counts_are_config_errors(value: str) -> None:
 def test_workers_from_the_environment() -> None:
     assert build_config([], {"DOT_PROXY_WORKERS": "3"}).workers == 3
     assert build_config([], {}).workers == 1
+
+
+def test_auto_workers_is_one_per_core_this_process_may_use() -> None:
+    expected = len(os.sched_getaffinity(0))
+    assert build_config(["--workers", "auto"], {}).workers == expected
+    assert build_config([], {"DOT_PROXY_WORKERS": "AUTO"}).workers == expected
