@@ -323,6 +323,12 @@ def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:
     _assert_one_line_error(result, "already in use", str(occupied_port))
 
 
+def test_workers_on_a_port_in_use_exit_2_with_one_line(occupied_port: int) -> None:
+    # Another program's sockets have no SO_REUSEPORT: the workers cannot share its port.
+    result = _run("--listen", "127.0.0.1", "--port", str(occupied_port), "--workers", "2")
+    _assert_one_line_error(result, "already in use", str(occupied_port))
+
+
 def test_udp_port_in_use_exits_2_with_one_line() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))

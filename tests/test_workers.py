@@ -25,6 +25,7 @@ import pytest
 
 from dot_proxy.cli import build_config
 from dot_proxy.errors import ConfigError
+from dot_proxy.server import bind_worker_sockets
 from dot_proxy.workers import PARENT_CHECK_INTERVAL
 from tests.test_cli import HANG_GUARD, Proxy, udp_servfail
 
@@ -145,3 +146,27 @@ def test_auto_workers_is_one_per_core_this_process_may_use() -> None:
     expected = len(os.sched_getaffinity(0))
     assert build_config(["--workers", "auto"], {}).workers == expected
     assert build_config([], {"DOT_PROXY_WORKERS": "AUTO"}).workers == expected
+
+
+def test_without_so_reuseport_several_workers_are_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    config = build_config(["--listen", "127.0.0.1", "--port", "0", "--workers", "2"], {})
+    with pytest.raises(ConfigError, match="--workers: this system has no SO_REUSEPORT"):
+        bind_worker_sockets(config)
+
+
+def test_worker_socket_sets_share_one_port() -> None:
+    config = build_config(["--listen", "127.0.0.1", "--port", "0", "--workers", "3"], {})
+    sets = bind_worker_sockets(config)
+    try:
+        assert len(sets) == 3
+        ports = {sock.getsockname()[1] for sockets in sets for sock in sockets}
+        assert len(ports) == 1
+        kinds = sorted(sock.type for sock in sets[0])
+        assert kinds == sorted([socket.SOCK_STREAM, socket.SOCK_DGRAM])
+    finally:
+        for sockets in sets:
+            for sock in sockets:
+                sock.close()
