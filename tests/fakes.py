@@ -198,7 +198,7 @@ def answer_in_reverse(batch: int) -> Behaviour:
 
     async def behaviour(connection: UpstreamConnection) -> None:
         while True:
-            queries = []
+            queries: list[bytes] = []
             while len(queries) < batch:
                 query = await connection.receive_query()
                 if query is None:

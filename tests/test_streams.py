@@ -24,7 +24,10 @@ import trio
 import trio.testing
 import trustme
 
+from dot_proxy.config import parse_upstream
 from dot_proxy.streams import EagerSocketStream
+from dot_proxy.tls import make_ssl_context, open_tls
+from tests.conftest import StartUpstream
 
 YIELD_EVERY = EagerSocketStream._YIELD_EVERY
 MORE_THAN_THE_KERNEL_BUFFERS = 8 * 1024 * 1024
@@ -270,3 +273,19 @@ async def test_ssl_streams_handshake_and_talk_over_it(
         nursery.start_soon(client.aclose)
         assert await server.receive_some() == b""  # the client's close_notify
         await server.aclose()
+
+
+async def test_open_tls_gives_a_no_delay_socket_under_the_ssl_stream(
+    start_upstream: StartUpstream, ca_file: str
+) -> None:
+    # Issue 3: TCP_NODELAY on every TCP socket. trio set it when it connected; the bare socket
+    # the proxy then uses must still have it (and be non-blocking, for EagerSocketStream).
+    fake = await start_upstream()
+    spec = parse_upstream(fake.spec)
+    stream = await open_tls(spec, make_ssl_context(ca_file=ca_file))
+    try:
+        sock = stream.transport_stream.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert not sock.getblocking()
+    finally:
+        await trio.aclose_forcefully(stream)
