@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # How often a worker checks that its parent is still there.
 PARENT_CHECK_INTERVAL = 1.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 ServeOne = Callable[[list[socket.socket], int], None]
 
@@ -53,8 +54,11 @@ def run_workers(socket_sets: Sequence[list[socket.socket]], serve_one: ServeOne)
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, stop_all) for sig in _STOP_SIGNALS}
     try:
+        # A stop that arrives while forking waits until every worker exists (so that it
+        # reaches them all), and never runs stop_all in a child that inherited it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             for number, sockets in enumerate(socket_sets):
                 pid = os.fork()
@@ -62,6 +66,7 @@ def run_workers(socket_sets: Sequence[list[socket.socket]], serve_one: ServeOne)
                     _be_worker(number, sockets, socket_sets, serve_one, parent)
                 workers[pid] = number
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             for sockets in socket_sets:
                 for sock in sockets:
                     sock.close()
@@ -77,7 +82,8 @@ def run_workers(socket_sets: Sequence[list[socket.socket]], serve_one: ServeOne)
                 log.error("worker %d (pid %d) ended (%d); stopping the others", number, pid, code)
                 status = 1
                 stop_all()
-            elif code != 0:
+            elif code not in (0, -signal.SIGTERM):
+                # Killed by our SIGTERM before it could take it gracefully is a stop too.
                 status = 1
     except BaseException:
         stop_all()
@@ -102,8 +108,9 @@ def _be_worker(
     # it leaves through os._exit whatever happens.
     status = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)  # trio installs its own while serving
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         for sockets in socket_sets:
             if sockets is not mine:
                 for sock in sockets:

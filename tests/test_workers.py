@@ -11,6 +11,7 @@ whose supervisor was killed stop by themselves.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -170,3 +171,39 @@ def test_worker_socket_sets_share_one_port() -> None:
         for sockets in sets:
             for sock in sockets:
                 sock.close()
+
+
+def processes_with_argument(marker: str) -> list[int]:
+    """Live processes whose command line has ``marker`` as one argument."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in arguments and running(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1, 0.2, 0.4])
+def test_a_stop_while_starting_leaves_no_worker_behind(
+    refusing_upstream: str, delay: float
+) -> None:
+    # SIGTERM at any moment of start-up (before, while or after forking): the proxy ends and
+    # no worker outlives it. A network nobody uses in --allow marks this run's processes.
+    marker = f"10.{random.randrange(256)}.{random.randrange(256)}.0/24"
+    proxy = Proxy(
+        *("--listen", "127.0.0.1", "--port", "0", "--workers", "3"),
+        *("--upstream", refusing_upstream, "--allow", marker),
+    )
+    try:
+        time.sleep(delay)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.finish() in (0, -signal.SIGTERM)  # killed outright before it could care
+        wait_until(lambda: not processes_with_argument(marker), "a worker outlived the stop")
+    finally:
+        proxy.kill()
+        for pid in processes_with_argument(marker):
+            os.kill(pid, signal.SIGKILL)
