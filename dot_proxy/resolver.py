@@ -301,7 +301,8 @@ class Resolver:
         try:
             with trio.move_on_after(self._probe_deadline):
                 await upstream.query(PROBE_QUERY, PROBE_KEY)
-                health.record_answer(trio.current_time(), trio.current_time() - started)
+                now = trio.current_time()
+                health.record_answer(now, now - started)
                 log.warning("%s answers again", upstream.spec.label)
                 return
             health.record_failure(trio.current_time())

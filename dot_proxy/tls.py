@@ -17,11 +17,7 @@ import trio
 
 from dot_proxy import pins
 from dot_proxy.config import UpstreamSpec
-from dot_proxy.errors import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamTLSError,
-)
+from dot_proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTLSError
 from dot_proxy.streams import EagerSocketStream
 
 __all__ = ["check_pins", "make_ssl_context", "open_tls", "quickack_hook"]

@@ -16,10 +16,7 @@ import trio
 
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.connection import Connection, Race, race_lost
-from dot_proxy.errors import (
-    UpstreamClosed,
-    UpstreamProtocolError,
-)
+from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
 from dot_proxy.tls import make_ssl_context
 
 __all__ = ["Upstream", "open_upstreams"]
