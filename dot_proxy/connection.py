@@ -24,7 +24,7 @@ from dot_proxy.errors import (
     WireError,
 )
 from dot_proxy.streams import BatchWriter, EagerSocketStream
-from dot_proxy.tls import open_tls, quickack_hook
+from dot_proxy.tls import buffered_plaintext, open_tls, quickack_hook
 from dot_proxy.wire import (
     HEADER_SIZE,
     NEED_DATA,
@@ -298,6 +298,9 @@ class Connection:
     async def _read_loop(self, stream: trio.SSLStream[EagerSocketStream]) -> None:
         decoder = FrameDecoder()
         label = self.spec.label
+        # Every answer the last read brought in is dispatched before the next await: they
+        # wake their tasks in one scheduling round (see buffered_plaintext).
+        drain = buffered_plaintext(stream)
         while True:
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)
@@ -310,6 +313,8 @@ class Connection:
             now = trio.current_time()
             try:
                 decoder.feed(data)
+                if more := drain():
+                    decoder.feed(more)
             except WireError as exc:
                 self.retire(UpstreamProtocolError(f"{label}: {exc}"))
                 return

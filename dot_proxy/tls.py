@@ -20,7 +20,10 @@ from dot_proxy.config import UpstreamSpec
 from dot_proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTLSError
 from dot_proxy.streams import EagerSocketStream
 
-__all__ = ["check_pins", "make_ssl_context", "open_tls", "quickack_hook"]
+__all__ = ["buffered_plaintext", "check_pins", "make_ssl_context", "open_tls", "quickack_hook"]
+
+# What one drain may take: far more than one transport read (64 KiB) can bring in.
+_DRAIN_CHUNK = 65536
 
 
 def make_ssl_context(*, ca_file: str | None, pins_only: bool = False) -> ssl.SSLContext:
@@ -118,3 +121,44 @@ def quickack_hook(stream: trio.SSLStream[EagerSocketStream]) -> Callable[[], Non
             sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
     return set_quickack
+
+
+def buffered_plaintext(stream: trio.abc.ReceiveStream) -> Callable[[], bytes]:
+    """A function returning the plaintext of every TLS record ``stream`` already holds.
+
+    ``SSLStream.receive_some`` decrypts one TLS record per call (OpenSSL's ``SSL_read`` stops
+    at a record boundary), and when that record was already buffered it yields a scheduling
+    round before returning. A resolver that writes each answer in its own record (unbound
+    does, and one transport read brings ~90 of them under load) then cost the reader one
+    round per answer: the answers reached their tasks one round apart, so the clients' next
+    queries, and our writes upstream, came in dribbles too. Measured with ``bench/ab.py``,
+    draining what one read brought in, after each ``receive_some``, about halved the CPU
+    per query.
+
+    The function only decrypts bytes the stream has already received, through the stream's
+    own ``ssl.SSLObject``, without any I/O: the stream still does every read and write, the
+    handshake and the close. It stops at the first record that is incomplete, and at any TLS
+    error or close_notify, leaving that to the next ``receive_some``, which raises or returns
+    b"" as usual (and sends anything the TLS layer has queued meanwhile, such as a KeyUpdate
+    reply). For a stream that is not an ``SSLStream`` (the fuzz harness's fakes), or a trio
+    that stores no ``_ssl_object``, it always returns b"": one record per ``receive_some``,
+    slower but the same bytes.
+    """
+    ssl_object = getattr(stream, "_ssl_object", None)
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return bytes
+    read = ssl_object.read
+
+    def drain() -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = read(_DRAIN_CHUNK)
+            except ssl.SSLError:  # SSLWantReadError: nothing whole is buffered; or a failure
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    return drain
