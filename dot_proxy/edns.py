@@ -14,7 +14,7 @@ names and record headers; record data is never parsed.
 from __future__ import annotations
 
 import struct
-from typing import Final, NamedTuple
+from typing import Final
 
 from dot_proxy.errors import WireError
 from dot_proxy.wire import (
@@ -61,15 +61,27 @@ _ADDED_OPT_FIXED: Final = b"\x00" + struct.pack("!HHI", TYPE_OPT, OUR_UDP_PAYLOA
 _ARCOUNT_AT: Final = 10
 
 
-class _Layout(NamedTuple):
-    """Where a message's records end, where its OPT record is, and whether it is signed."""
-
-    end: int
-    opt: tuple[int, int] | None
-    signed: bool
+# What _layout finds: where a message's records end, where its OPT record is (start, end), and
+# whether it is signed. A plain tuple, unpacked by the callers: this walk runs on every answer.
+_Layout = tuple[int, tuple[int, int] | None, bool]
 
 
-def pad_query(message: bytes, *, block: int = QUERY_BLOCK) -> tuple[bytes, bool]:
+def _padding_tail(pad: int) -> bytes:
+    """An OPT record's RDLENGTH and RDATA holding only a Padding option of ``pad`` zero bytes."""
+    return (
+        (_OPTION_HEADER.size + pad).to_bytes(2, "big")
+        + _OPTION_HEADER.pack(OPTION_PADDING, pad)
+        + bytes(pad)
+    )
+
+
+# Every tail a default-block query can need, built once.
+_QUERY_BLOCK_TAILS: Final = tuple(_padding_tail(pad) for pad in range(QUERY_BLOCK))
+
+
+def pad_query(
+    message: bytes, *, block: int = QUERY_BLOCK, question_end: int | None = None
+) -> tuple[bytes, bool]:
     """Pad a query to a multiple of ``block`` bytes (RFC 7830, RFC 8467 §4.1).
 
     Returns the padded query and whether an OPT record was *added* because the client sent
@@ -80,7 +92,9 @@ def pad_query(message: bytes, *, block: int = QUERY_BLOCK) -> tuple[bytes, bool]
     1,232-byte payload with no flags. Bytes after the last record are dropped.
 
     Signed queries (TSIG, SIG(0)) and queries that cannot be padded within 65,535 bytes are
-    returned as they are (the same object), with ``False``.
+    returned as they are (the same object), with ``False``. ``question_end``, where the
+    query's one question ends, saves walking it again when the caller has parsed the query
+    (``HEADER_SIZE + len(parse_query(message).question)``).
 
     Error handling: raises :class:`WireError` (FORMERR) when the records, the OPT record or its
     options cannot be walked, and :class:`ValueError` for a ``block`` outside 1..65535.
@@ -90,39 +104,32 @@ def pad_query(message: bytes, *, block: int = QUERY_BLOCK) -> tuple[bytes, bool]
     if message[4:12] == _ONE_QUESTION_ONLY:
         # The common query, one question and no records (what most stubs and dnsperf send):
         # no record to walk, so add the OPT record directly. Same bytes as the general path.
-        end = _question_end(message, HEADER_SIZE)
+        end = question_end or _question_end(message, HEADER_SIZE)
         pad = -(end + _OPT_FIXED + _OPTION_HEADER.size) % block
-        return (
-            message[:10]
-            + b"\x00\x01"
-            + message[HEADER_SIZE:end]
-            + _ADDED_OPT_FIXED
-            + (_OPTION_HEADER.size + pad).to_bytes(2, "big")
-            + _OPTION_HEADER.pack(OPTION_PADDING, pad)
-            + bytes(pad)
-        ), True
-    layout = _layout(message)
-    if layout.signed:
+        tail = _QUERY_BLOCK_TAILS[pad] if block == QUERY_BLOCK else _padding_tail(pad)
+        return message[:10] + b"\x00\x01" + message[HEADER_SIZE:end] + _ADDED_OPT_FIXED + tail, True
+    records_end, opt, signed = _layout(message, question_end)
+    if signed:
         return message, False
-    if layout.opt is None:
-        before = _add_to_arcount(message[: layout.end], +1)
+    if opt is None:
+        before = _add_to_arcount(message[:records_end], +1)
         fixed = b"\x00" + struct.pack("!HHI", TYPE_OPT, OUR_UDP_PAYLOAD, 0)
         options, after = b"", b""
     else:
-        start, end = layout.opt
+        start, end = opt
         before = message[:start]
         fixed = message[start : start + _RDLENGTH_AT]
         options = _without_padding(message[start + _OPT_FIXED : end])
-        after = message[end : layout.end]
+        after = message[end:records_end]
     unpadded = len(before) + _OPT_FIXED + len(options) + _OPTION_HEADER.size + len(after)
     pad = -unpadded % block
     if unpadded + pad > MAX_MESSAGE_SIZE:
         return message, False
     rdata = options + _OPTION_HEADER.pack(OPTION_PADDING, pad) + bytes(pad)
-    return before + fixed + len(rdata).to_bytes(2, "big") + rdata + after, layout.opt is None
+    return before + fixed + len(rdata).to_bytes(2, "big") + rdata + after, opt is None
 
 
-def strip_padding(answer: bytes, *, remove_opt: bool) -> bytes:
+def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None = None) -> bytes:
     """Remove the Padding option from an upstream's answer before it goes back in cleartext.
 
     Other options (cookies, NSID, Extended DNS Errors, ...) are kept in order and the OPT
@@ -132,7 +139,9 @@ def strip_padding(answer: bytes, *, remove_opt: bool) -> bytes:
     (RFC 6891 §7). The OPT record may sit anywhere in the additional section (before TSIG).
 
     Returns ``answer`` itself when there is nothing to do: no additional records, no OPT
-    record, or no Padding option and not ``remove_opt``.
+    record, or no Padding option and not ``remove_opt``. ``question_end``, where the answer's
+    one question ends, saves walking it again (this runs on every answer): for an answer that
+    matched a query's question key, ``HEADER_SIZE + len(key)``.
 
     Error handling: never raises for malformed input; an answer that cannot be walked, that has
     more than one OPT record, or whose options overrun the OPT record is returned unchanged
@@ -145,14 +154,20 @@ def strip_padding(answer: bytes, *, remove_opt: bool) -> bytes:
     if not remove_opt and _PADDING_CODE not in answer:
         return answer
     try:
-        layout = _layout(answer)
+        opt = _layout(answer, question_end)[1]
     except WireError:
         return answer
-    if layout.opt is None:
+    if opt is None:
         return answer
-    start, end = layout.opt
+    start, end = opt
     if remove_opt:
-        return _add_to_arcount(answer[:start], -1) + answer[end:]
+        arcount = ((answer[_ARCOUNT_AT] << 8) | answer[_ARCOUNT_AT + 1]) - 1
+        return (
+            answer[:_ARCOUNT_AT]
+            + arcount.to_bytes(2, "big")
+            + answer[HEADER_SIZE:start]
+            + answer[end:]
+        )
     rdata = answer[start + _OPT_FIXED : end]
     try:
         kept = _without_padding(rdata)
@@ -167,15 +182,22 @@ def strip_padding(answer: bytes, *, remove_opt: bool) -> bytes:
 # --- walking -------------------------------------------------------------------------------
 
 
-def _layout(message: bytes) -> _Layout:
-    """Walk every record, find the OPT record and any signature in the additional section."""
+def _layout(message: bytes, records_from: int | None = None) -> _Layout:
+    """Walk every record, find the OPT record and any signature in the additional section.
+
+    ``records_from`` is where the question section ends, when the caller knows it already
+    (an answer matched to a one-question query): the question is not walked again.
+    """
     size = len(message)
     if size < HEADER_SIZE:
         raise WireError("shorter than a DNS header", rcode=Rcode.FORMERR)
     _, _, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(message)
-    offset = HEADER_SIZE
-    for _ in range(qdcount):
-        offset = _question_end(message, offset)
+    if records_from is not None and qdcount == 1:
+        offset = records_from
+    else:
+        offset = HEADER_SIZE
+        for _ in range(qdcount):
+            offset = _question_end(message, offset)
     opt: tuple[int, int] | None = None
     signed = False
     additional_from = ancount + nscount
@@ -209,7 +231,7 @@ def _layout(message: bytes) -> _Layout:
             opt = (start, offset)
         elif rr_type in (_TYPE_TSIG, _TYPE_SIG):
             signed = True
-    return _Layout(offset, opt, signed)
+    return offset, opt, signed
 
 
 def _without_padding(rdata: bytes) -> bytes:

@@ -11,7 +11,14 @@ from dot_proxy.config import Config
 from dot_proxy.edns import pad_query, strip_padding
 from dot_proxy.errors import UpstreamError, WireError
 from dot_proxy.resolver import Resolver
-from dot_proxy.wire import Rcode, error_reply, parse_query, replace_id, truncate_for_udp
+from dot_proxy.wire import (
+    HEADER_SIZE,
+    Rcode,
+    error_reply,
+    parse_query,
+    replace_id,
+    truncate_for_udp,
+)
 
 __all__ = ["QueryHandler", "ServerStats"]
 
@@ -49,7 +56,12 @@ class QueryHandler:
         try:
             query = parse_query(data)
             # RFC 8467 §4.1: padded on the encrypted hop; padding checks the EDNS options too.
-            outgoing, added_opt = pad_query(data) if self._padding else (data, False)
+            if self._padding:
+                outgoing, added_opt = pad_query(
+                    data, question_end=HEADER_SIZE + len(query.question)
+                )
+            else:
+                outgoing, added_opt = data, False
         except WireError as exc:
             self._stats.malformed += 1
             log.debug("malformed query: %s", exc)
@@ -61,7 +73,11 @@ class QueryHandler:
                 answer = await self._resolver.resolve(outgoing, query.question_key, scope.deadline)
                 # RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT
                 # record we added for it is not the client's either.
-                answer = replace_id(strip_padding(answer, remove_opt=added_opt), query.id)
+                # The answer matched the question key: its question is as long.
+                answer = strip_padding(
+                    answer, remove_opt=added_opt, question_end=HEADER_SIZE + len(query.question_key)
+                )
+                answer = replace_id(answer, query.id)
                 return truncate_for_udp(answer, query.udp_limit) if udp else answer
             self._stats.timeouts += 1
             log.debug("no answer within %g s", self._timeout)

@@ -27,7 +27,14 @@ from hypothesis import strategies as st
 
 from dot_proxy.edns import OPTION_PADDING, QUERY_BLOCK, _layout, pad_query, strip_padding
 from dot_proxy.errors import WireError
-from dot_proxy.wire import Rcode, _question_end, _rr_type, _skip_rr
+from dot_proxy.wire import (
+    Rcode,
+    _question_end,
+    _rr_type,
+    _skip_rr,
+    answer_question_key,
+    parse_query,
+)
 
 SOME = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -413,6 +420,31 @@ def test_remove_opt_takes_the_whole_opt_record_away(
         assert stripped is wire
     else:
         assert HEADER.unpack_from(stripped)[5] == HEADER.unpack_from(wire)[5] - 1
+
+
+@SOME
+@given(answers(), st.booleans())
+def test_the_question_end_hint_changes_nothing_but_the_work(
+    built: tuple[dns.message.Message, bytes], remove_opt: bool
+) -> None:
+    # The handler passes where the question ends (the answer matched the query's key).
+    _, wire = built
+    key = answer_question_key(wire)
+    assume(key is not None)
+    assert key is not None
+    question_end = 12 + len(key)
+    hinted = strip_padding(wire, remove_opt=remove_opt, question_end=question_end)
+    assert hinted == strip_padding(wire, remove_opt=remove_opt)
+
+
+@SOME
+@given(queries(), st.sampled_from([QUERY_BLOCK, 468]))
+def test_pad_query_with_the_question_end_hint_writes_the_same_bytes(
+    query: dns.message.Message, block: int
+) -> None:
+    wire = to_wire(query)
+    question_end = 12 + len(parse_query(wire).question)
+    assert pad_query(wire, block=block, question_end=question_end) == pad_query(wire, block=block)
 
 
 @SOME
