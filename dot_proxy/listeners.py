@@ -27,8 +27,11 @@ __all__ = ["Listening", "serve_tcp", "serve_udp"]
 log = logging.getLogger("dot_proxy.server")
 
 MAX_DATAGRAM = 65535
-# Datagrams or connections taken per wake-up at most, so one busy socket cannot starve others.
-BURST = 64
+# Datagrams taken per wake-up at most, so one flooded socket cannot starve the rest. About
+# what the kernel's default receive buffer (208 KiB) holds of small queries: a round that
+# runs long (a burst of answers, a collector pause) must not leave the socket to overflow
+# because each wake-up took a fraction of what was waiting.
+BURST = 256
 # RFC 7766 §6.2.1.1: a client may pipeline; bound what one connection may have in flight.
 MAX_TCP_CLIENT_PIPELINE = 128
 _RECEIVE_SIZE = 65536

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 import dns.message
@@ -11,7 +13,7 @@ import trio
 import trio.testing
 
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.server import ServerStats, serve
+from dot_proxy.server import UDP_RECEIVE_BUFFER, ServerStats, bind_sockets, serve
 from tests.clients import TcpClient, query, receive_until_closed, udp_exchange, udp_send
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (
@@ -192,3 +194,23 @@ async def test_in_flight_limit_frees_slots_after_answers(
             ids.add(dns.message.from_wire(reply).id)
         assert ids == {r.id for r in requests}
     assert proxy.stats.dropped_busy == 0
+
+
+def test_udp_sockets_get_a_receive_buffer_far_above_the_default() -> None:
+    # A client that sends a thousand queries at once must not overflow the kernel's default
+    # 208 KiB (soak: an upstream came back, a thousand answers, a thousand new queries).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    config = Config(
+        upstreams=(parse_upstream("127.0.0.1:853#dns.test"),), listen=("127.0.0.1",), port=0
+    )
+    sockets = bind_sockets(config)
+    try:
+        [udp] = [s for s in sockets if s.type == socket.SOCK_DGRAM]
+        granted = udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert granted > default
+        if os.geteuid() == 0:  # SO_RCVBUFFORCE: the whole size (Linux reports it doubled)
+            assert granted >= UDP_RECEIVE_BUFFER
+    finally:
+        for sock in sockets:
+            sock.close()
