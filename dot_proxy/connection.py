@@ -183,21 +183,17 @@ class Connection:
         pending_map[wire_id] = pending
         writer.write_nowait(frame_with_id(message, wire_id))
         try:
-            return await self._answer_for(pending)
+            while pending.answer is None and pending.error is None and race.answer is None:
+                await race.wait()
         except BaseException:
             if pending_map.get(wire_id) is pending:
                 pending.abandoned = True
             raise
-
-    async def _answer_for(self, pending: _Pending) -> bytes:
-        race = pending.race
-        while pending.answer is None:
-            if pending.error is not None:
-                raise pending.error
-            if race.answer is not None:
-                raise race_lost(self.spec)
-            await race.wait()
-        return pending.answer
+        if pending.answer is not None:
+            return pending.answer
+        if pending_map.get(wire_id) is pending:
+            pending.abandoned = True  # its answer may come yet: keep the ID, drop the answer
+        raise pending.error or race_lost(self.spec)
 
     def _has_other_queries(self, queued: int) -> bool:
         # Under load: a burst queued, or answers outstanding besides the queued queries.

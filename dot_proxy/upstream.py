@@ -62,8 +62,14 @@ class Upstream:
         """
         if not self._reuse:
             return await self._query_on_own_connection(message, key, race)
+        connections = self._connections
+        if connections and connections[0].ready.is_set() and connections[0].has_room:
+            # The usual case, a warm pool with room: no checkout coroutine on the hot path.
+            connection = connections[0]
+        else:
+            connection = await self._checkout(race)
         try:
-            return await (await self._checkout(race)).exchange(message, key, race)
+            return await connection.exchange(message, key, race)
         except (UpstreamClosed, UpstreamProtocolError):
             # A connection retired for talking nonsense (a frame too short to be DNS) failed
             # every query on it; like one that closed, it costs them one retry, not SERVFAIL.
