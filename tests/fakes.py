@@ -28,6 +28,25 @@ AUTH_NAME = "dns.test"
 Behaviour = Callable[["UpstreamConnection"], Awaitable[None]]
 
 
+async def tls_pair(
+    ca: trustme.CA, client_transport: trio.abc.Stream, server_transport: trio.abc.Stream
+) -> tuple[trio.SSLStream[Any], trio.SSLStream[Any]]:
+    """A client and a server SSLStream over the two transports, handshake done.
+
+    The server presents a certificate for ``AUTH_NAME`` from ``ca``; the client trusts ``ca``.
+    """
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(AUTH_NAME).configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    client = trio.SSLStream(client_transport, client_context, server_hostname=AUTH_NAME)
+    server = trio.SSLStream(server_transport, server_context, server_side=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        await server.do_handshake()
+    return client, server
+
+
 def answer_for(query_wire: bytes, *, address: str = "192.0.2.1", ttl: int = 300) -> bytes:
     """A NOERROR answer to ``query_wire`` with one A record (or none for other types)."""
     query = dns.message.from_wire(query_wire)

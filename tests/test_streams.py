@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import socket
-import ssl
 import struct
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -28,6 +27,7 @@ from dot_proxy.config import parse_upstream
 from dot_proxy.streams import EagerSocketStream
 from dot_proxy.tls import make_ssl_context, open_tls
 from tests.conftest import StartUpstream
+from tests.fakes import tls_pair
 
 YIELD_EVERY = EagerSocketStream._YIELD_EVERY
 MORE_THAN_THE_KERNEL_BUFFERS = 8 * 1024 * 1024
@@ -251,17 +251,7 @@ async def test_a_blocked_receive_is_cancelled_cleanly_and_the_stream_still_works
 async def test_ssl_streams_handshake_and_talk_over_it(
     ca: trustme.CA, two_streams: tuple[EagerSocketStream, EagerSocketStream]
 ) -> None:
-    client_transport, server_transport = two_streams
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("dns.test").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    client = trio.SSLStream(client_transport, client_context, server_hostname="dns.test")
-    server = trio.SSLStream(server_transport, server_context, server_side=True)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        await server.do_handshake()
+    client, server = await tls_pair(ca, *two_streams)
     assert client.getpeercert() is not None
 
     await client.send_all(b"question")

@@ -13,7 +13,6 @@ transport read at the client, as many records do under load on a real socket.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,10 +26,10 @@ from hypothesis import strategies as st
 
 from dot_proxy import connection as connection_module
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.tls import buffered_plaintext, make_ssl_context
+from dot_proxy.tls import buffered_plaintext
 from dot_proxy.upstream import Upstream, open_upstreams
 from dot_proxy.wire import NEED_DATA, FrameDecoder, frame
-from tests.fakes import answer_for, ask
+from tests.fakes import answer_for, ask, tls_pair
 
 TLS = trio.SSLStream[Any]
 SSLPair = tuple[TLS, TLS]
@@ -38,17 +37,7 @@ SSLPair = tuple[TLS, TLS]
 
 async def ssl_pair(ca: trustme.CA) -> SSLPair:
     """A client and a server SSLStream over memory streams, handshake done."""
-    client_transport, server_transport = trio.testing.memory_stream_pair()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("dns.test").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    client = trio.SSLStream(client_transport, client_context, server_hostname="dns.test")
-    server = trio.SSLStream(server_transport, server_context, server_side=True)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.do_handshake)
-        await server.do_handshake()
-    return client, server
+    return await tls_pair(ca, *trio.testing.memory_stream_pair())
 
 
 @pytest.fixture
@@ -191,15 +180,7 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
         client_transport, server_transport = trio.testing.memory_stream_pair()
         corked.append(Corked(server_transport.send_stream))
         server_transport.send_stream = corked[0]  # type: ignore[assignment]
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("dns.test").configure_cert(server_context)
-        client: TLS = trio.SSLStream(
-            client_transport, make_ssl_context(ca_file=ca_file), server_hostname="dns.test"
-        )
-        server: TLS = trio.SSLStream(server_transport, server_context, server_side=True)
-        async with trio.open_nursery() as handshakes:
-            handshakes.start_soon(server.do_handshake)
-            await client.do_handshake()
+        client, server = await tls_pair(ca, client_transport, server_transport)
         nursery.start_soon(upstream_side, server)
         return client
 
