@@ -22,7 +22,7 @@ from dot_proxy.streams import EagerSocketStream
 
 __all__ = ["buffered_plaintext", "check_pins", "make_ssl_context", "open_tls", "quickack_hook"]
 
-# What one drain may take: far more than one transport read (64 KiB) can bring in.
+# Asked of each SSLObject.read; a TLS record holds at most 16 KiB, and each read returns one.
 _DRAIN_CHUNK = 65536
 
 
@@ -146,7 +146,7 @@ def buffered_plaintext(stream: trio.abc.ReceiveStream) -> Callable[[], bytes]:
     """
     ssl_object = getattr(stream, "_ssl_object", None)
     if not isinstance(ssl_object, ssl.SSLObject):
-        return bytes
+        return bytes  # bytes() is b""
     read = ssl_object.read
 
     def drain() -> bytes:
