@@ -79,7 +79,6 @@ def run_once(
     proxy: realdns.DotProxy, queries: Path, transport: str, args: argparse.Namespace
 ) -> tuple[float, float, float]:
     """queries/s, CPU µs per answer and average latency (ms) of one dnsperf run."""
-    assert proxy.pid is not None
     before = realdns.sample_process(proxy.pid)
     result = realdns.run_dnsperf(
         proxy.port,

@@ -161,13 +161,7 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
         return answer
     start, end = opt
     if remove_opt:
-        arcount = ((answer[_ARCOUNT_AT] << 8) | answer[_ARCOUNT_AT + 1]) - 1
-        return (
-            answer[:_ARCOUNT_AT]
-            + arcount.to_bytes(2, "big")
-            + answer[HEADER_SIZE:start]
-            + answer[end:]
-        )
+        return _add_to_arcount(answer[:start], -1) + answer[end:]
     rdata = answer[start + _OPT_FIXED : end]
     try:
         kept = _without_padding(rdata)

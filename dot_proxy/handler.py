@@ -55,11 +55,11 @@ class QueryHandler:
         """
         try:
             query = parse_query(data)
+            # The query's question ends here, and so does a matched answer's (same key length).
+            question_end = HEADER_SIZE + len(query.question)
             # RFC 8467 §4.1: padded on the encrypted hop; padding checks the EDNS options too.
             if self._padding:
-                outgoing, added_opt = pad_query(
-                    data, question_end=HEADER_SIZE + len(query.question)
-                )
+                outgoing, added_opt = pad_query(data, question_end=question_end)
             else:
                 outgoing, added_opt = data, False
         except WireError as exc:
@@ -73,10 +73,7 @@ class QueryHandler:
                 answer = await self._resolver.resolve(outgoing, query.question_key, scope.deadline)
                 # RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT
                 # record we added for it is not the client's either.
-                # The answer matched the question key: its question is as long.
-                answer = strip_padding(
-                    answer, remove_opt=added_opt, question_end=HEADER_SIZE + len(query.question_key)
-                )
+                answer = strip_padding(answer, remove_opt=added_opt, question_end=question_end)
                 answer = replace_id(answer, query.id)
                 return truncate_for_udp(answer, query.udp_limit) if udp else answer
             self._stats.timeouts += 1

@@ -443,6 +443,7 @@ def test_what_exists_before_serving_is_kept_out_of_the_collectors_full_passes(
 
     monkeypatch.setattr(cli.trio, "run", run)
     monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
+    gc.unfreeze()  # so that only main's freeze can count
     try:
         cli.main(["--listen", "127.0.0.1", "--port", "0", "--upstream", "127.0.0.1:853#dns.test"])
     finally:
