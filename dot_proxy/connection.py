@@ -24,7 +24,7 @@ from dot_proxy.errors import (
     WireError,
 )
 from dot_proxy.streams import BatchWriter, EagerSocketStream
-from dot_proxy.tls import buffered_plaintext, open_tls, quickack_hook
+from dot_proxy.tls import buffered_plaintext, eager_sender, open_tls, quickack_hook
 from dot_proxy.wire import (
     HEADER_SIZE,
     NEED_DATA,
@@ -167,8 +167,10 @@ class Connection:
         Error handling: raises :class:`UpstreamClosed` if the connection is retired before the
         answer arrives (the query may be retried on another connection), and
         :class:`RaceLost` if another attempt in ``race`` answered first. Cancellation leaves
-        the connection healthy: the query's bytes are written by the writer task, never by the
-        caller, so a cancel cannot cut a write in half.
+        the connection healthy: the query's bytes are queued for the writer task or, alone on
+        a quiet connection, sent from here in one non-blocking call, so a cancel cannot cut a
+        write in half. (Only if the kernel took part of that record does the rest take an
+        await; a cancel then breaks the connection, on which this query was the only one.)
         """
         writer = self._writer
         if writer is None or self.closed:
@@ -181,8 +183,12 @@ class Connection:
         if not pending_map:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
-        writer.write_nowait(frame_with_id(message, wire_id))
         try:
+            if writer.quiet and len(pending_map) == 1:
+                # Low load: this task sends it, a scheduling round sooner (BatchWriter).
+                await writer.send_alone(frame_with_id(message, wire_id))
+            else:
+                writer.write_nowait(frame_with_id(message, wire_id))
             while pending.answer is None and pending.error is None and race.answer is None:
                 await race.wait()
         except BaseException:
@@ -264,7 +270,10 @@ class Connection:
                     self.retire(UpstreamConnectError(f"{self.spec.label}: {exc!r}"))
                     return
                 self._writer = BatchWriter(
-                    stream, after_send=quickack_hook(stream), busy=self._has_other_queries
+                    stream.send_all,
+                    after_send=quickack_hook(stream),
+                    busy=self._has_other_queries,
+                    eager=eager_sender(stream),
                 )
                 self._set_ready()
                 async with trio.open_nursery() as nursery:

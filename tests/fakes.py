@@ -20,6 +20,7 @@ import trio.testing
 import trustme
 
 from dot_proxy.config import Config, parse_upstream
+from dot_proxy.tls import EagerSender
 from dot_proxy.upstream import Upstream, open_upstreams
 from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, parse_query
 
@@ -420,23 +421,33 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 30.0) -> 
 
 @dataclass(frozen=True)
 class TlsWrite:
-    """One ``SSLStream.send_all`` call: which task made it, on which side, how many bytes."""
+    """One write to a TLS stream: which task made it, on which side, how many bytes, and
+    whether it went through ``SSLStream.send_all`` or at once (``EagerSender.send_nowait``)."""
 
     task: trio.lowlevel.Task
     server_side: bool
     size: int
+    eager: bool = False
 
 
 def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
-    """Record every ``trio.SSLStream.send_all`` call made from now on in this test."""
+    """Record every ``trio.SSLStream.send_all`` call and every eager send from now on."""
     writes: list[TlsWrite] = []
     original = trio.SSLStream.send_all
+    original_nowait = EagerSender.send_nowait
 
     async def send_all(self: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> None:
         writes.append(TlsWrite(trio.lowlevel.current_task(), bool(self.server_side), len(data)))
         await original(self, data)
 
+    def send_nowait(self: EagerSender, data: bytes) -> memoryview | None:
+        rest = original_nowait(self, data)
+        if rest is not None:
+            writes.append(TlsWrite(trio.lowlevel.current_task(), False, len(data), eager=True))
+        return rest
+
     monkeypatch.setattr(trio.SSLStream, "send_all", send_all)
+    monkeypatch.setattr(EagerSender, "send_nowait", send_nowait)
     return writes
 
 

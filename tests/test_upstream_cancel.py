@@ -188,14 +188,16 @@ async def test_cancel_while_waiting_for_room_in_the_pool(
     assert names_asked(fake) == [name("first"), name("after")]
 
 
-async def test_query_tasks_never_write_to_the_tls_stream(
+async def test_query_tasks_never_await_a_write_to_the_tls_stream(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     ca_file: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A cancel cannot cut a write in half because no query task ever writes: each connection's
-    writer task does, whatever the query tasks do (complete, or get cancelled at any point)."""
+    """A cancel cannot cut a write in half because no query task awaits one: the connection's
+    writer task sends what queues up, and a query alone on a quiet connection is sent by its
+    own task in one call without an await (EagerSender.send_nowait), whatever the query tasks
+    do (complete, or get cancelled at any point)."""
     writes = record_tls_writes(monkeypatch)
     fake = await start_upstream(answer_after(0.05))
     query_tasks: set[trio.lowlevel.Task] = set()
@@ -208,17 +210,23 @@ async def test_query_tasks_never_write_to_the_tls_stream(
             answered.append(answer.question[0].name.to_text())
 
     with trio.fail_after(30):
-        async with (
-            open_pool(fake, ca_file, max_pipeline=8) as [upstream],
-            trio.open_nursery() as queries,
-        ):
-            # Some cancelled at once (before the handshake completes), some while their answer
-            # is on its way, the others not at all; on several connections.
-            for index in range(40):
-                cancel_after = (None, 0.0, 0.01)[index % 3]
-                queries.start_soon(one, index, cancel_after)
-    client_writers = {w.task for w in writes if not w.server_side}
-    assert client_writers, "the test saw no writes"
-    assert not client_writers & query_tasks
-    assert len(client_writers) == fake.handshakes  # one writer per connection
-    assert len(answered) == len([i for i in range(40) if i % 3 == 0])
+        async with open_pool(fake, ca_file, max_pipeline=8) as [upstream]:
+            async with trio.open_nursery() as queries:
+                # Some cancelled at once (before the handshake completes), some while their
+                # answer is on its way, the others not at all; on several connections.
+                for index in range(40):
+                    cancel_after = (None, 0.0, 0.01)[index % 3]
+                    queries.start_soon(one, index, cancel_after)
+            # Then one at a time, each alone on a quiet connection once the answers to the
+            # cancelled ones are in.
+            for index in range(40, 52):
+                await one(index, (None, 0.0, 0.01)[index % 3])
+                await trio.sleep(1)
+    client_writes = [w for w in writes if not w.server_side]
+    writers = {w.task for w in client_writes if not w.eager}
+    assert writers, "the test saw no writes"
+    assert not writers & query_tasks  # no query task ever awaited send_all
+    assert len(writers) == fake.handshakes  # one writer per connection
+    eager_by_queries = [w for w in client_writes if w.eager and w.task in query_tasks]
+    assert eager_by_queries, "no query was sent by its own task"
+    assert len(answered) == len([i for i in range(52) if i % 3 == 0])
