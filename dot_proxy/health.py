@@ -131,18 +131,24 @@ def order_upstreams(
     failed first, as a last resort — so when every upstream is down, the query still goes to
     the one most likely to have recovered instead of failing for minutes.
     """
-    up = [index for index, record in enumerate(health) if not record.down]
-    down = sorted(
-        (index for index, record in enumerate(health) if record.down),
-        key=lambda index: health[index].last_failure,
-    )
+    down: list[int] = []
+    for record in health:
+        if record.down:
+            up = [index for index, record in enumerate(health) if not record.down]
+            down = sorted(
+                (index for index, record in enumerate(health) if record.down),
+                key=lambda index: health[index].last_failure,
+            )
+            break
+    else:
+        up = list(range(len(health)))  # all up, the usual case: nothing to sort (every query)
     if len(up) > 1:
         if policy is Policy.ROUND_ROBIN:
             start = turn % len(up)
             up = up[start:] + up[:start]
         elif policy is Policy.FASTEST:
             up = _fastest_first(up, health, rng)
-    return up + down
+    return up + down if down else up
 
 
 def _fastest_first(up: list[int], health: Sequence[Health], rng: random.Random) -> list[int]:

@@ -136,11 +136,15 @@ class Resolver:
             trio.current_effective_deadline() if deadline is None else deadline,
         )
         try:
-            self._watch_for_hedging(race)
+            # One clock read for the hedge's start and the first attempt's (every query).
+            now = trio.current_time()
+            self._watch_for_hedging(race, now)
+            started: float | None = now
             while (index := race.claim()) is not None:
-                answer = await self._attempt(index, race)
+                answer = await self._attempt(index, race, started)
                 if answer is not None:
                     return answer
+                started = None
             while race.answer is None and race.running:
                 await race.wait()  # a hedge is still asking the last upstreams
         finally:
@@ -168,9 +172,12 @@ class Resolver:
         self._record_answer(0, answer, started)
         return answer
 
-    async def _attempt(self, index: int, race: _Attempts) -> bytes | None:
-        """Ask one upstream; the answer if it is the race's winner, else None."""
-        started = trio.current_time()
+    async def _attempt(
+        self, index: int, race: _Attempts, started: float | None = None
+    ) -> bytes | None:
+        """Ask one upstream (from ``started``, now if None); the race's winner, else None."""
+        if started is None:
+            started = trio.current_time()
         race.running += 1
         try:
             answer = await self._upstreams[index].query(race.message, race.key, race)
@@ -232,7 +239,7 @@ class Resolver:
 
     # --- hedging ---------------------------------------------------------------------------
 
-    def _watch_for_hedging(self, race: _Attempts) -> None:
+    def _watch_for_hedging(self, race: _Attempts, now: float) -> None:
         if self._nursery is None or self._hedge_after == 0 or len(race.order) < 2:
             return
         first = self.health[race.order[0]]
@@ -242,7 +249,7 @@ class Resolver:
             else first.hedge_budget(floor=HEDGE_FLOOR, ceiling=self._ceiling)
         )
         self._hedge_count += 1
-        heapq.heappush(self._hedges, (trio.current_time() + budget, self._hedge_count, race))
+        heapq.heappush(self._hedges, (now + budget, self._hedge_count, race))
         if len(self._hedges) == 1:
             self._hedge_lot.unpark()
 
