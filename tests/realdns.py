@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -127,6 +127,20 @@ def free_port(kind: PortKind = "both", host: str = LOOPBACK) -> int:
                     continue  # taken for UDP: try another
                 return port
     raise RealDnsError(f"no port free for {kind} on {host}")
+
+
+@contextlib.contextmanager
+def closed_port(host: str = LOOPBACK) -> Iterator[int]:
+    """A TCP port on ``host`` that refuses connections for as long as the block runs.
+
+    The port is bound and never listened on: a connection to it is refused, and no other
+    process can take it meanwhile (nor can a connection use it as its own source port and
+    connect to itself), as it could a port that :func:`free_port` merely found free.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        yield sock.getsockname()[1]
 
 
 # --- the zone ----------------------------------------------------------------------------------

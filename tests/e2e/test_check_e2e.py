@@ -61,8 +61,8 @@ def test_pins_alone_pass_and_a_wrong_pin_fails(pki: realdns.Pki, unbound: realdn
 def test_one_failing_upstream_of_two_fails_the_check(
     pki: realdns.Pki, unbound: realdns.Unbound
 ) -> None:
-    closed = realdns.free_port("tcp")
-    result = check(pki, unbound.upstream_spec, f"127.0.0.1:{closed}#dns.test")
+    with realdns.closed_port() as closed:
+        result = check(pki, unbound.upstream_spec, f"127.0.0.1:{closed}#dns.test")
     assert result.returncode == 1
     assert result.stdout.count("OK") == 1
     assert "connect failed" in result.stdout

@@ -130,13 +130,15 @@ def test_dnssec_ok_bit_and_edns_pass_through(proxy: realdns.DotProxy, dig: Run) 
 def test_unreachable_upstream_gives_servfail_quickly(
     pki: realdns.Pki, dig: Run, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    closed_port = realdns.free_port("tcp")
-    with realdns.DotProxy(
-        pki,
-        [f"127.0.0.1:{closed_port}#{pki.auth_name}"],
-        workdir=tmp_path_factory.mktemp("proxy-down"),
-        probe_name=None,
-    ) as down:
+    with (
+        realdns.closed_port() as closed_port,
+        realdns.DotProxy(
+            pki,
+            [f"127.0.0.1:{closed_port}#{pki.auth_name}"],
+            workdir=tmp_path_factory.mktemp("proxy-down"),
+            probe_name=None,
+        ) as down,
+    ):
         output = dig(down.port, "+tries=1", "+time=4", realdns.Zone().host(1), "A")
     assert _status(output) == "SERVFAIL"
 
