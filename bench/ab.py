@@ -6,7 +6,8 @@ Both proxies forward to one local unbound (DoT, trustme certificate) and dnsperf
 turns, A B B A ..., so that drift on this shared machine hits both alike. It prints each run's
 queries/s and proxy CPU per answered query (utime + stime over the run, divided by answers),
 then the medians and the ratio B/A. CPU per query is the steady figure here; throughput swings
-10-20% from run to run. ``--qps`` fixes the rate instead (latency and CPU at a given load).
+10-20% from run to run. ``--qps`` fixes the rate instead (latency and CPU at a given load), and
+adds p50 and p99 over every answer of every round.
 
 The base revision is checked out with ``git worktree`` into a temporary folder and run from
 there with this interpreter, so only dot_proxy's code differs between A and B.
@@ -76,9 +77,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_once(
-    proxy: realdns.DotProxy, queries: Path, transport: str, args: argparse.Namespace
+    proxy: realdns.DotProxy,
+    queries: Path,
+    transport: str,
+    args: argparse.Namespace,
+    latencies: list[float],
 ) -> tuple[float, float, float]:
-    """queries/s, CPU µs per answer and average latency (ms) of one dnsperf run."""
+    """queries/s, CPU µs per answer and average latency (ms) of one dnsperf run.
+
+    At a fixed rate (``--qps``) each answer's latency is added to ``latencies`` too.
+    """
     before = realdns.sample_process(proxy.pid)
     result = realdns.run_dnsperf(
         proxy.port,
@@ -87,7 +95,9 @@ def run_once(
         clients=1 if args.qps else args.clients,
         seconds=args.seconds,
         max_qps=args.qps,
+        percentiles=bool(args.qps),
     )
+    latencies.extend(result.latencies)
     after = realdns.sample_process(proxy.pid)
     if result.queries_lost:
         print(f"  warning: {result.queries_lost} lost", flush=True)
@@ -119,13 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.enter_context(proxy)
             print(f"{name}: {proxy.command}  (from {proxy.source})", flush=True)
         results: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        latencies: dict[tuple[str, str], list[float]] = {}
         for transport in args.transports.split(","):
             for proxy in proxies.values():  # warm-up, unrecorded
                 realdns.run_dnsperf(proxy.port, queries, mode=transport, seconds=1)
             for round_ in range(args.rounds):
                 order = "AB" if round_ % 2 == 0 else "BA"
                 for name in order:
-                    qps, cpu, latency = run_once(proxies[name], queries, transport, args)
+                    qps, cpu, latency = run_once(
+                        proxies[name],
+                        queries,
+                        transport,
+                        args,
+                        latencies.setdefault((name, transport), []),
+                    )
                     results.setdefault((name, transport), []).append((qps, cpu, latency))
                     print(
                         f"{transport} round {round_ + 1} {name}: {qps:9.0f} q/s "
@@ -141,7 +158,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{transport:<9} {a[0]:8.0f} {b[0]:8.0f} {b[0] / a[0]:6.3f}  "
                 f"{a[1]:6.1f}  {b[1]:6.1f}  {b[1] / a[1]:6.3f}  {a[2]:6.3f} {b[2]:6.3f}"
             )
+        if args.qps:
+            print("transport  p50 ms A  p50 ms B  B/A    p99 ms A  p99 ms B  B/A  (rounds pooled)")
+            for transport in args.transports.split(","):
+                a50, a99 = _percentiles(latencies[("A", transport)])
+                b50, b99 = _percentiles(latencies[("B", transport)])
+                print(
+                    f"{transport:<9} {a50:8.3f} {b50:9.3f} {b50 / a50:6.3f}  "
+                    f"{a99:8.3f} {b99:9.3f} {b99 / a99:6.3f}"
+                )
     return 0
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds, nearest rank."""
+    ordered = sorted(latencies)
+    last = len(ordered) - 1
+    p50 = ordered[min(last, len(ordered) // 2)]
+    p99 = ordered[min(last, len(ordered) * 99 // 100)]
+    return p50 * 1e3, p99 * 1e3
 
 
 if __name__ == "__main__":
