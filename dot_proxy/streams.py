@@ -114,14 +114,17 @@ class BatchWriter(_QueuedWriter):
         """
         eager = self._eager
         rest = None if eager is None else self._eager_nowait(eager, data)
-        if rest is None:
+        if eager is None or rest is None:
             self.write_nowait(data)
             return
         self.messages += 1
         self.sends += 1
         if rest:
             try:
-                await eager.finish(rest)  # type: ignore[union-attr]  # rest implies eager
+                await eager.finish(rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(exc)
+                return
             except BaseException as exc:
                 self._fail(trio.BrokenResourceError(f"write cut short: {exc!r}"))
                 raise

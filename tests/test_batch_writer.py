@@ -27,6 +27,7 @@ class FakeEager:
         self.sent: list[tuple[str, bytes]] = []
         self.nowait: memoryview | BaseException | None = memoryview(b"")  # what it returns
         self.finish_forever = False
+        self.finish_error: BaseException | None = None
 
     def send_nowait(self, data: bytes) -> memoryview | None:
         if isinstance(self.nowait, BaseException):
@@ -37,6 +38,8 @@ class FakeEager:
 
     async def finish(self, rest: memoryview) -> None:
         assert rest, "called for nothing"
+        if self.finish_error is not None:
+            raise self.finish_error
         if self.finish_forever:
             await trio.sleep_forever()
         self.sent.append(("finish", bytes(rest)))
@@ -145,9 +148,18 @@ def _stuck_with_a_rest(eager: FakeEager) -> None:
     eager.nowait, eager.finish_forever = memoryview(b"nd"), True
 
 
-async def test_a_failed_eager_send_is_raised_by_run() -> None:
-    with pytest.RaisesGroup(pytest.RaisesExc(trio.BrokenResourceError, match="reset")):
-        await _send_second_alone(Rig(busy=False), _reset)
+def _reset_mid_rest(eager: FakeEager) -> None:
+    eager.nowait, eager.finish_error = memoryview(b"nd"), trio.BrokenResourceError("reset")
+
+
+@pytest.mark.parametrize("trouble", [_reset, _reset_mid_rest], ids=["at-once", "mid-rest"])
+async def test_a_failed_eager_send_is_raised_by_run_not_by_send_alone(
+    trouble: Callable[[FakeEager], None],
+) -> None:
+    # send_alone returns (inside _send_second_alone): the query waits, and the owner, told by
+    # run, retires the stream and fails it as one that broke, to be retried elsewhere.
+    with pytest.RaisesGroup(pytest.RaisesExc(trio.BrokenResourceError, match="^reset$")):
+        await _send_second_alone(Rig(busy=False), trouble)
 
 
 async def test_a_cancel_while_the_rest_is_sent_breaks_the_writer() -> None:
