@@ -13,14 +13,22 @@ __all__ = ["BatchWriter", "EagerSend", "EagerSocketStream", "SocketWriter"]
 
 
 class _QueuedWriter:
-    """The part both writers share: a queue, a task parked until it fills, and close()."""
+    """The part both writers share: a queue, a task parked until it fills, close(), and a
+    failure seen outside ``run`` that ``run`` then raises."""
 
-    __slots__ = ("_closing", "_lot", "_queue")
+    __slots__ = ("_broken", "_closing", "_lot", "_queue")
 
     def __init__(self) -> None:
         self._queue: list[bytes] = []
         self._lot = trio.lowlevel.ParkingLot()
         self._closing = False
+        self._broken: BaseException | None = None
+
+    def _fail(self, exc: BaseException) -> None:
+        # A write from the caller's task failed: the writer task wakes to raise it.
+        if self._broken is None:
+            self._broken = exc
+        self._lot.unpark()
 
     def _enqueue(self, data: bytes) -> None:
         self._queue.append(data)
@@ -65,7 +73,6 @@ class BatchWriter(_QueuedWriter):
     __slots__ = (
         "_after_send",
         "_alone",
-        "_broken",
         "_busy",
         "_eager",
         "_send_all",
@@ -89,7 +96,6 @@ class BatchWriter(_QueuedWriter):
         self._busy = busy
         self._eager = eager
         self._alone = False  # whether the last wake-up found one message and no load
-        self._broken: BaseException | None = None
         self.messages = 0  # written so far
         self.sends = 0  # sends so far; messages / sends is the batching gained
 
@@ -137,11 +143,6 @@ class BatchWriter(_QueuedWriter):
         except trio.BrokenResourceError as exc:
             self._fail(exc)
             return memoryview(b"")
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._broken is None:
-            self._broken = exc
-        self._lot.unpark()
 
     async def run(self) -> None:
         """Send queued data until closed."""
@@ -193,14 +194,13 @@ class SocketWriter(_QueuedWriter):
     producing while :attr:`backed_up` (see :meth:`wait_drained`).
     """
 
-    __slots__ = ("_blocked", "_broken", "_drained", "_sock")
+    __slots__ = ("_blocked", "_drained", "_sock")
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self._sock = sock
         self._drained = trio.lowlevel.ParkingLot()
         self._blocked = False
-        self._broken: OSError | None = None
 
     def write_nowait(self, data: bytes) -> None:
         """Send ``data`` now if possible, else queue it behind what is already waiting."""
@@ -212,8 +212,7 @@ class SocketWriter(_QueuedWriter):
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self._broken = exc
-                self._lot.unpark()
+                self._fail(exc)
                 return
             if sent == len(data):
                 return
