@@ -1,0 +1,143 @@
+"""Scheduling rounds and task steps per query, with how long each task's steps take.
+
+    python bench/rounds.py --qps 200 --seconds 4
+
+Runs dot-proxy in this process (its ``serve``, default configuration, one upstream) against a
+local unbound over DoT, drives it with dnsperf from one client at a fixed rate, and counts
+through a trio Instrument what the run loop did meanwhile: its rounds (one I/O check each:
+"blocking" when nothing was runnable, "zero" when tasks were), the steps of each task, and each
+step's median and mean time. At low load a query's latency through the proxy is its rounds, and
+on this kind of VM every round costs far more than the work it does (caches gone cold between
+queries), so the round count is the figure to watch; compare a revision with
+``--source PATH`` (another checkout). The instrument's own cost inflates the step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Counting:
+    """A trio Instrument: rounds of the run loop, steps and step times per task."""
+
+    def __init__(self) -> None:
+        self.blocking_rounds = 0
+        self.zero_rounds = 0
+        self.steps: dict[str, list[float]] = collections.defaultdict(list)
+        self._step_started: float | None = None
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout == 0:
+            self.zero_rounds += 1
+        else:
+            self.blocking_rounds += 1
+
+    def before_task_step(self, task: object) -> None:
+        self._step_started = time.perf_counter()
+
+    def after_task_step(self, task: object) -> None:
+        if self._step_started is not None:
+            name = getattr(task, "name", "?").rsplit(".", 1)[-1]
+            self.steps[name].append(time.perf_counter() - self._step_started)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--qps", type=int, default=200, help="dnsperf's rate, one client (default: 200)")
+    add("--seconds", type=float, default=4, help="length of the counted run (default: 4)")
+    add("--transport", choices=("udp", "tcp"), default="udp", help="client transport")
+    add("--source", type=Path, default=ROOT, help="dot_proxy from this checkout (default: this)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # tests.realdns from this checkout
+    sys.path.insert(0, str(args.source))  # dot_proxy from the one measured
+    # Imported here, after the path is set, so that --source decides which dot_proxy runs.
+    import trio  # noqa: PLC0415
+
+    from dot_proxy.config import Config, parse_upstream  # noqa: PLC0415
+    from dot_proxy.server import ServerStats, serve  # noqa: PLC0415
+    from tests import realdns  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="dot-proxy-rounds-") as temporary:
+        work = Path(temporary)
+        pki = realdns.make_pki(work / "pki")
+        queries = realdns.write_queries(work / "queries.txt")
+        with realdns.Unbound(pki, workdir=work / "unbound") as unbound:
+            config = Config(
+                upstreams=(parse_upstream(unbound.upstream_spec),),
+                listen=("127.0.0.1",),
+                port=0,
+                ca_file=str(pki.ca_file),
+            )
+
+            def dnsperf(port: int, seconds: float) -> realdns.DnsperfResult:
+                return realdns.run_dnsperf(
+                    port,
+                    queries,
+                    mode=args.transport,
+                    clients=1,
+                    seconds=seconds,
+                    max_qps=args.qps,
+                )
+
+            async def run() -> None:
+                stop = trio.Event()
+
+                async def serving(task_status: trio.TaskStatus[Any]) -> None:
+                    await serve(config, stop=stop, stats=ServerStats(), task_status=task_status)
+
+                async with trio.open_nursery() as nursery:
+                    bound = await nursery.start(serving)
+                    port = bound[0][2]
+                    await trio.to_thread.run_sync(dnsperf, port, 1.0)  # warm-up: the handshake
+                    counting = Counting()
+                    trio.lowlevel.add_instrument(counting)  # type: ignore[arg-type]
+                    try:
+                        result = await trio.to_thread.run_sync(dnsperf, port, args.seconds)
+                    finally:
+                        trio.lowlevel.remove_instrument(counting)  # type: ignore[arg-type]
+                    stop.set()
+                _report(args, counting, result.queries_completed, result.latency_avg)
+
+            trio.run(run)
+    return 0
+
+
+def _report(args: argparse.Namespace, counting: Counting, answered: int, latency: float) -> None:
+    print(
+        f"python bench/rounds.py --qps {args.qps} --seconds {args.seconds:g} "
+        f"--transport {args.transport}  (dot_proxy from {args.source})"
+    )
+    rounds = counting.blocking_rounds + counting.zero_rounds
+    print(
+        f"{answered} queries, avg latency {latency * 1e3:.3f} ms (instrumented); "
+        f"{rounds / answered:.2f} rounds per query "
+        f"({counting.blocking_rounds / answered:.2f} blocking, "
+        f"{counting.zero_rounds / answered:.2f} with tasks runnable)"
+    )
+    print("task                  steps/query  median µs  mean µs")
+    for name, times in sorted(counting.steps.items(), key=lambda item: -sum(item[1])):
+        if len(times) / answered < 0.05:
+            continue  # background ticks (watchdog, prober)
+        print(
+            f"{name:<21} {len(times) / answered:11.2f}  {statistics.median(times) * 1e6:9.1f}"
+            f"  {statistics.fmean(times) * 1e6:7.1f}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
