@@ -183,12 +183,13 @@ class Connection:
         if not pending_map:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
+        data = frame_with_id(message, wire_id)
         try:
             if writer.quiet and len(pending_map) == 1:
                 # Low load: this task sends it, a scheduling round sooner (BatchWriter).
-                await writer.send_alone(frame_with_id(message, wire_id))
+                await writer.send_alone(data)
             else:
-                writer.write_nowait(frame_with_id(message, wire_id))
+                writer.write_nowait(data)
             while pending.answer is None and pending.error is None and race.answer is None:
                 await race.wait()
         except BaseException:

@@ -139,12 +139,11 @@ class Resolver:
             # One clock read for the hedge's start and the first attempt's (every query).
             now = trio.current_time()
             self._watch_for_hedging(race, now)
-            started: float | None = now
             while (index := race.claim()) is not None:
-                answer = await self._attempt(index, race, started)
+                answer = await self._attempt(index, race, now)
                 if answer is not None:
                     return answer
-                started = None
+                now = trio.current_time()  # the next upstream's attempt starts now
             while race.answer is None and race.running:
                 await race.wait()  # a hedge is still asking the last upstreams
         finally:
@@ -172,12 +171,8 @@ class Resolver:
         self._record_answer(0, answer, started)
         return answer
 
-    async def _attempt(
-        self, index: int, race: _Attempts, started: float | None = None
-    ) -> bytes | None:
-        """Ask one upstream (from ``started``, now if None); the race's winner, else None."""
-        if started is None:
-            started = trio.current_time()
+    async def _attempt(self, index: int, race: _Attempts, started: float) -> bytes | None:
+        """Ask one upstream, starting at ``started``; the race's winner, else None."""
         race.running += 1
         try:
             answer = await self._upstreams[index].query(race.message, race.key, race)
@@ -284,7 +279,7 @@ class Resolver:
                 if index is None:
                     return
                 log.debug("hedging to %s", self._upstreams[index].spec.label)
-                if await self._attempt(index, race) is not None:
+                if await self._attempt(index, race, trio.current_time()) is not None:
                     race.wake()
                     return
 

@@ -102,7 +102,13 @@ class BatchWriter(_QueuedWriter):
     @property
     def quiet(self) -> bool:
         """Whether a message sent now may skip the writer (:meth:`send_alone`): low load."""
-        return self._alone and not self._queue and self._broken is None and not self._closing
+        return (
+            self._alone
+            and self._eager is not None
+            and not self._queue
+            and self._broken is None
+            and not self._closing
+        )
 
     def write_nowait(self, data: bytes) -> None:
         """Queue ``data``; it is sent after everything queued before it."""
@@ -119,8 +125,15 @@ class BatchWriter(_QueuedWriter):
         breaks the stream: :meth:`run` raises ``trio.BrokenResourceError``.
         """
         eager = self._eager
-        rest = None if eager is None else self._eager_nowait(eager, data)
-        if eager is None or rest is None:
+        if eager is None:
+            self.write_nowait(data)
+            return
+        try:
+            rest = eager.send_nowait(data)
+        except trio.BrokenResourceError as exc:
+            self._fail(exc)
+            return
+        if rest is None:  # the stream is sending something else: wait in line
             self.write_nowait(data)
             return
         self.messages += 1
@@ -137,17 +150,9 @@ class BatchWriter(_QueuedWriter):
         if self._after_send is not None:
             self._after_send()
 
-    def _eager_nowait(self, eager: EagerSend, data: bytes) -> memoryview | None:
-        try:
-            return eager.send_nowait(data)
-        except trio.BrokenResourceError as exc:
-            self._fail(exc)
-            return memoryview(b"")
-
     async def run(self) -> None:
         """Send queued data until closed."""
         queue = self._queue
-        send = self._send_all
         while True:
             if self._broken is not None:
                 raise self._broken
@@ -162,9 +167,6 @@ class BatchWriter(_QueuedWriter):
                     # Under load, let the tasks that are ready now queue theirs too: one more
                     # scheduling round costs less than the TLS record and syscall it saves.
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                    send = self._send_all
-                elif self._eager is not None:
-                    send = self._eager.send_all
                 continue
             batch = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()
@@ -172,12 +174,14 @@ class BatchWriter(_QueuedWriter):
             # Alone, the eager send saves the round inside send_all. Under load that round is
             # worth keeping: sending every batch a round sooner made batches smaller and cost
             # 9-14% more CPU per query (bench/ab.py, dnsperf at 20 clients).
-            await send(batch)
+            if self._alone and self._eager is not None:
+                await self._eager.send_all(batch)
+            else:
+                await self._send_all(batch)
             if self._after_send is not None:
                 self._after_send()
             if queue:  # queued while this was sent: that is load
                 self._alone = False
-                send = self._send_all
 
 
 class SocketWriter(_QueuedWriter):
