@@ -154,6 +154,25 @@ def render_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def render_baseline(rows: Sequence[Row]) -> str:
+    """dot-proxy against the build it is compared with (``--baseline``), or "" if none."""
+    lines = []
+    for base in rows:
+        if not base.target.startswith("dot-proxy@"):
+            continue
+        for row in rows:
+            if row.target == "dot-proxy" and row.transport == base.transport:
+                lines.append(
+                    f"- {row.transport.upper()}: {row.qps / base.qps:.2f}x the queries/s of "
+                    f"{base.target} ({row.qps:,.0f} against {base.qps:,.0f}), "
+                    f"{row.cpu_us / base.cpu_us:.2f}x its CPU per query "
+                    f"({row.cpu_us:.1f} against {base.cpu_us:.1f} µs)"
+                )
+    if not lines:
+        return ""
+    return "dot-proxy against its baseline, in the same rounds:\n" + "\n".join(lines)
+
+
 def tool_versions(root: Path) -> dict[str, str]:
     # dot-proxy runs from this checkout, as in the benchmark itself (not from cwd).
     env = {
@@ -214,7 +233,7 @@ Machine load average (1 min) {m.loadavg_before:.2f} before, \
 {m.loadavg_after:.2f} after.
 
 {render_table(rows)}
-{image}
+{image}{_baseline_section(rows)}
 - **queries/s**: median of {m.rounds} rounds of `dnsperf` at maximum load, {m.clients}
   clients, {m.seconds:g} s each; min-max over the rounds. Rounds interleave the systems
   (order rotated each round) so drift on this shared machine hits all alike.
@@ -235,6 +254,12 @@ Machine load average (1 min) {m.loadavg_before:.2f} before, \
   counts those more than once.
 - **x stubby / x dnsdist**: throughput ratio to that peer on the same transport; **x limit**:
   to dnsperf speaking DoT straight to unbound (dnsperf does not verify the certificate).
+- **Padding**: dot-proxy pads its queries to 128-byte blocks (RFC 8467), and unbound then pads
+  its answers to 468 bytes; `dot-proxy-no-padding` (`--no-padding`) shows what that costs.
+  stubby, configured as below, pads its queries too (to 256 bytes, seen at a recording
+  upstream); dnsdist sends them unpadded.
+- **dot-proxy@REV** (`--baseline REV`): dot-proxy run from that git revision (a worktree),
+  same flags, in the same rounds: a regression shows as a ratio below 1x.
 
 ## Versions
 
@@ -257,6 +282,11 @@ TXT and NXDOMAIN names from `tests/realdns.py`):
 
 {config_blocks}
 """
+
+
+def _baseline_section(rows: Sequence[Row]) -> str:
+    text = render_baseline(rows)
+    return f"\n{text}\n\n" if text else ""
 
 
 def write_chart(rows: Sequence[Row], path: Path) -> None:

@@ -29,11 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.realdns, and so the proxy runs from this checkout
 
 import dns.message  # noqa: E402
+from ab import ProxyFrom, worktree  # noqa: E402
 from report import (  # noqa: E402
     LatencyRun,
     LoadRun,
     Measurements,
     Target,
+    render_baseline,
     render_markdown,
     render_table,
     summarize,
@@ -80,6 +82,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)",
     )
     add("--proxy-args", default="", help="extra dot-proxy arguments (shell-quoted)")
+    add(
+        "--baseline",
+        metavar="REV",
+        help="also run dot-proxy from this git revision, as the system dot-proxy@REV, so that "
+        "a regression shows side by side (e.g. cba54aa, the last build before issue 4)",
+    )
     add("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown report")
     add("--chart", type=Path, help="PNG chart (default: the report's path with .png)")
     add("--no-chart", action="store_true", help="skip the chart (no matplotlib needed)")
@@ -89,9 +97,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.baseline:
+        revision = f"{args.baseline}^{{commit}}"
+        check = ["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", revision]
+        if subprocess.run(check, capture_output=True, check=False).returncode != 0:
+            parser.error(f"--baseline: {args.baseline!r} is not a revision of this repository")
+        # Next to dot-proxy, so that the two sit together in the table.
+        at = args.systems.index("dot-proxy") + 1 if "dot-proxy" in args.systems else 0
+        args.systems.insert(at, baseline_name(args.baseline))
     if args.chart is None:
         args.chart = args.out.with_suffix(".png")
     return args
+
+
+def baseline_name(revision: str) -> str:
+    return f"dot-proxy@{revision}"
 
 
 def ensure_tools(systems: Sequence[str]) -> None:
@@ -156,6 +176,12 @@ def start_targets(
         elif name == "dnsdist":
             server = realdns.Dnsdist(pki, unbound.tls_port, workdir=workdir / name)
             config = (server.config_file,)
+        elif args.baseline and name == baseline_name(args.baseline):
+            source = stack.enter_context(worktree(args.baseline))
+            server = ProxyFrom(
+                source, pki, unbound.upstream_spec, extra_args=proxy_args, workdir=workdir / name
+            )
+            config = ()
         else:
             extra = [*proxy_args, *VARIANT_FLAGS.get(name, [])]
             server = realdns.DotProxy(
@@ -360,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = summarize(measured)
     print()
     print(render_table(rows))
+    if against := render_baseline(rows):
+        print(f"\n{against}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     chart = None if args.no_chart else os.path.relpath(args.chart, args.out.parent)
     args.out.write_text(render_markdown(rows, measured, chart=chart, root=ROOT))
