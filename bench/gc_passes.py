@@ -1,0 +1,135 @@
+"""How often the cyclic garbage collector runs under load, and how long its passes take.
+
+    python bench/gc_passes.py --seconds 10             # the proxy's own setting
+    python bench/gc_passes.py --seconds 10 --threshold 700   # CPython's default
+
+Runs dot-proxy in this process (its ``serve``, default configuration, one upstream) against a
+local unbound over DoT, set up as ``cli.main`` sets up the collector (``gc.freeze`` and the
+youngest generation's threshold, here ``--threshold``), drives it with dnsperf at maximum load
+and counts every pass through ``gc.callbacks``: how many per generation, their median and
+longest, and their total as a share of the run. The pass counts are the steady figure; the
+times swing with this host's speed like everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import trio  # noqa: E402
+
+from dot_proxy import cli  # noqa: E402
+from dot_proxy.config import Config, parse_upstream  # noqa: E402
+from dot_proxy.server import ServerStats, serve  # noqa: E402
+from tests import realdns  # noqa: E402
+
+
+class PassTimer:
+    """A ``gc.callbacks`` entry: the length of every pass, by generation."""
+
+    def __init__(self) -> None:
+        self.passes: dict[int, list[float]] = defaultdict(list)
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.passes[info["generation"]].append(time.perf_counter() - self._started)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--seconds", type=float, default=10, help="length of the measured run (default: 10)")
+    add("--transport", choices=("udp", "tcp"), default="udp", help="dnsperf's transport")
+    add("--clients", type=int, default=20, help="dnsperf clients (default: 20)")
+    add(
+        "--threshold",
+        type=int,
+        default=cli.GC_YOUNG_THRESHOLD,
+        help=f"youngest generation's threshold (default: the proxy's, {cli.GC_YOUNG_THRESHOLD})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dot-proxy-gc-") as temporary:
+        work = Path(temporary)
+        pki = realdns.make_pki(work / "pki")
+        queries = realdns.write_queries(work / "queries.txt")
+        with realdns.Unbound(pki, workdir=work / "unbound") as unbound:
+            config = Config(
+                upstreams=(parse_upstream(unbound.upstream_spec),),
+                listen=("127.0.0.1",),
+                port=0,
+                ca_file=str(pki.ca_file),
+            )
+            timer = PassTimer()
+            result: list[realdns.DnsperfResult] = []
+
+            def dnsperf(port: int, seconds: float) -> realdns.DnsperfResult:
+                return realdns.run_dnsperf(
+                    port, queries, mode=args.transport, clients=args.clients, seconds=seconds
+                )
+
+            async def run() -> None:
+                stop = trio.Event()
+
+                async def serving(task_status: trio.TaskStatus[Any]) -> None:
+                    await serve(config, stop=stop, stats=ServerStats(), task_status=task_status)
+
+                async with trio.open_nursery() as nursery:
+                    port = (await nursery.start(serving))[0][2]
+                    await trio.to_thread.run_sync(dnsperf, port, 1.0)  # warm-up: the handshake
+                    gc.callbacks.append(timer)
+                    try:
+                        result.append(await trio.to_thread.run_sync(dnsperf, port, args.seconds))
+                    finally:
+                        gc.callbacks.remove(timer)
+                    stop.set()
+
+            # As cli.main does before serving.
+            gc.freeze()
+            _, older, oldest = gc.get_threshold()
+            gc.set_threshold(args.threshold, older, oldest)
+            trio.run(run)
+    _report(args, timer, result[0])
+    return 0
+
+
+def _report(args: argparse.Namespace, timer: PassTimer, result: realdns.DnsperfResult) -> None:
+    print(
+        f"python bench/gc_passes.py --seconds {args.seconds:g} --transport {args.transport} "
+        f"--clients {args.clients} --threshold {args.threshold}"
+    )
+    print(f"{result.qps:,.0f} queries/s, {result.queries_lost} lost")
+    total = 0.0
+    for generation in (0, 1, 2):
+        times = timer.passes.get(generation, [])
+        total += sum(times)
+        if times:
+            print(
+                f"generation {generation}: {len(times):5} passes, median "
+                f"{statistics.median(times) * 1e6:7.0f} µs, longest {max(times) * 1e6:7.0f} µs, "
+                f"total {sum(times) * 1e3:6.1f} ms"
+            )
+        else:
+            print(f"generation {generation}:     0 passes")
+    print(f"all passes: {total * 1e3:.1f} ms, {total / result.run_time:.1%} of the run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
