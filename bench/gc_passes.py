@@ -14,24 +14,22 @@ times swing with this host's speed like everything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import trio  # noqa: E402
+from inprocess import run_under_dnsperf  # noqa: E402
 
 from dot_proxy import cli  # noqa: E402
-from dot_proxy.config import Config, parse_upstream  # noqa: E402
-from dot_proxy.server import ServerStats, serve  # noqa: E402
 from tests import realdns  # noqa: E402
 
 
@@ -66,47 +64,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="dot-proxy-gc-") as temporary:
-        work = Path(temporary)
-        pki = realdns.make_pki(work / "pki")
-        queries = realdns.write_queries(work / "queries.txt")
-        with realdns.Unbound(pki, workdir=work / "unbound") as unbound:
-            config = Config(
-                upstreams=(parse_upstream(unbound.upstream_spec),),
-                listen=("127.0.0.1",),
-                port=0,
-                ca_file=str(pki.ca_file),
-            )
-            timer = PassTimer()
-            result: list[realdns.DnsperfResult] = []
+    timer = PassTimer()
 
-            def dnsperf(port: int, seconds: float) -> realdns.DnsperfResult:
-                return realdns.run_dnsperf(
-                    port, queries, mode=args.transport, clients=args.clients, seconds=seconds
-                )
+    @contextlib.contextmanager
+    def timed() -> Iterator[None]:
+        # As cli.main sets up the collector before serving.
+        gc.freeze()
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(args.threshold, older, oldest)
+        gc.callbacks.append(timer)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(timer)
 
-            async def run() -> None:
-                stop = trio.Event()
-
-                async def serving(task_status: trio.TaskStatus[Any]) -> None:
-                    await serve(config, stop=stop, stats=ServerStats(), task_status=task_status)
-
-                async with trio.open_nursery() as nursery:
-                    port = (await nursery.start(serving))[0][2]
-                    await trio.to_thread.run_sync(dnsperf, port, 1.0)  # warm-up: the handshake
-                    gc.callbacks.append(timer)
-                    try:
-                        result.append(await trio.to_thread.run_sync(dnsperf, port, args.seconds))
-                    finally:
-                        gc.callbacks.remove(timer)
-                    stop.set()
-
-            # As cli.main does before serving.
-            gc.freeze()
-            _, older, oldest = gc.get_threshold()
-            gc.set_threshold(args.threshold, older, oldest)
-            trio.run(run)
-    _report(args, timer, result[0])
+    result = run_under_dnsperf(
+        transport=args.transport, clients=args.clients, seconds=args.seconds, during=timed
+    )
+    _report(args, timer, result)
     return 0
 
 

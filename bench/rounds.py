@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,61 +128,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(args.source))  # dot_proxy from the one measured
     # Imported here, after the path is set, so that --source decides which dot_proxy runs.
     import trio  # noqa: PLC0415
-
-    from dot_proxy.config import Config, parse_upstream  # noqa: PLC0415
-    from dot_proxy.server import ServerStats, serve  # noqa: PLC0415
-    from tests import realdns  # noqa: PLC0415
+    from inprocess import run_under_dnsperf  # noqa: PLC0415
 
     calls = CallTimes()
     if args.calls:
         calls.install()
+    counting = Counting()
 
-    with tempfile.TemporaryDirectory(prefix="dot-proxy-rounds-") as temporary:
-        work = Path(temporary)
-        pki = realdns.make_pki(work / "pki")
-        queries = realdns.write_queries(work / "queries.txt")
-        with realdns.Unbound(pki, workdir=work / "unbound") as unbound:
-            config = Config(
-                upstreams=(parse_upstream(unbound.upstream_spec),),
-                listen=("127.0.0.1",),
-                port=0,
-                ca_file=str(pki.ca_file),
-            )
+    @contextlib.contextmanager
+    def counted() -> Iterator[None]:
+        for times in calls.times.values():
+            times.clear()  # the warm-up's do not count
+        trio.lowlevel.add_instrument(counting)  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            trio.lowlevel.remove_instrument(counting)  # type: ignore[arg-type]
 
-            def dnsperf(port: int, seconds: float) -> realdns.DnsperfResult:
-                return realdns.run_dnsperf(
-                    port,
-                    queries,
-                    mode=args.transport,
-                    clients=1,
-                    seconds=seconds,
-                    max_qps=args.qps,
-                )
-
-            async def run() -> None:
-                stop = trio.Event()
-
-                async def serving(task_status: trio.TaskStatus[Any]) -> None:
-                    await serve(config, stop=stop, stats=ServerStats(), task_status=task_status)
-
-                async with trio.open_nursery() as nursery:
-                    bound = await nursery.start(serving)
-                    port = bound[0][2]
-                    await trio.to_thread.run_sync(dnsperf, port, 1.0)  # warm-up: the handshake
-                    counting = Counting()
-                    for times in calls.times.values():
-                        times.clear()  # the warm-up's do not count
-                    trio.lowlevel.add_instrument(counting)  # type: ignore[arg-type]
-                    try:
-                        result = await trio.to_thread.run_sync(dnsperf, port, args.seconds)
-                    finally:
-                        trio.lowlevel.remove_instrument(counting)  # type: ignore[arg-type]
-                    stop.set()
-                _report(args, counting, result.queries_completed, result.latency_avg)
-                if args.calls:
-                    calls.report()
-
-            trio.run(run)
+    result = run_under_dnsperf(
+        transport=args.transport, clients=1, seconds=args.seconds, qps=args.qps, during=counted
+    )
+    _report(args, counting, result.queries_completed, result.latency_avg)
+    if args.calls:
+        calls.report()
     return 0
 
 
