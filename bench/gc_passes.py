@@ -1,11 +1,11 @@
 """How often the cyclic garbage collector runs under load, and how long its passes take.
 
-    python bench/gc_passes.py --seconds 10             # the proxy's own setting
-    python bench/gc_passes.py --seconds 10 --threshold 700   # CPython's default
+    python bench/gc_passes.py --seconds 10                          # the proxy's setting
+    python bench/gc_passes.py --seconds 10 --thresholds 700,10,10   # CPython's default
 
 Runs dot-proxy in this process (its ``serve``, default configuration, one upstream) against a
 local unbound over DoT, set up as ``cli.main`` sets up the collector (``gc.freeze`` and the
-youngest generation's threshold, here ``--threshold``), drives it with dnsperf at maximum load
+thresholds, here ``--thresholds``), drives it with dnsperf at maximum load
 and counts every pass through ``gc.callbacks``: how many per generation, their median and
 longest, and their total as a share of the run. The pass counts are the steady figure; the
 times swing with this host's speed like everything else.
@@ -53,13 +53,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--seconds", type=float, default=10, help="length of the measured run (default: 10)")
     add("--transport", choices=("udp", "tcp"), default="udp", help="dnsperf's transport")
     add("--clients", type=int, default=20, help="dnsperf clients (default: 20)")
+    proxys = ",".join(map(str, cli.GC_THRESHOLDS))
     add(
-        "--threshold",
-        type=int,
-        default=cli.GC_YOUNG_THRESHOLD,
-        help=f"youngest generation's threshold (default: the proxy's, {cli.GC_YOUNG_THRESHOLD})",
+        "--thresholds",
+        type=_thresholds,
+        default=cli.GC_THRESHOLDS,
+        help=f"the collector's three thresholds (default: the proxy's, {proxys})",
     )
     return parser.parse_args(argv)
+
+
+def _thresholds(text: str) -> tuple[int, int, int]:
+    values = tuple(int(part) for part in text.split(","))
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError("three numbers: youngest,middle,oldest")
+    return values[0], values[1], values[2]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def timed() -> Iterator[None]:
         # As cli.main sets up the collector before serving.
         gc.freeze()
-        _, older, oldest = gc.get_threshold()
-        gc.set_threshold(args.threshold, older, oldest)
+        gc.set_threshold(*args.thresholds)
         gc.callbacks.append(timer)
         try:
             yield
@@ -88,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(args: argparse.Namespace, timer: PassTimer, result: realdns.DnsperfResult) -> None:
     print(
         f"python bench/gc_passes.py --seconds {args.seconds:g} --transport {args.transport} "
-        f"--clients {args.clients} --threshold {args.threshold}"
+        f"--clients {args.clients} --thresholds {','.join(map(str, args.thresholds))}"
     )
     print(f"{result.qps:,.0f} queries/s, {result.queries_lost} lost")
     total = 0.0

@@ -36,13 +36,16 @@ log = logging.getLogger("dot_proxy")
 EXIT_USAGE = 2
 ENV_PREFIX = "DOT_PROXY_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# Tracked objects allocated (net) before the cyclic collector's youngest pass runs; CPython's
-# default is 700. A burst of queries in flight holds a few thousand (tasks, coroutines, cancel
-# scopes), so at 700 every burst set off a pass over them all, and nearly all of them were
-# freed by reference counting moments later: under dnsperf's maximum load, ~3,000 passes in
-# 10 s, about 5% of the process's time. The hot path makes no reference cycles, so the bigger
-# young generation only holds what lives anyway.
-GC_YOUNG_THRESHOLD = 10_000
+# The cyclic collector's thresholds: a pass over the youngest generation once 10,000 tracked
+# objects (net) were allocated, instead of CPython's 700. A burst of queries in flight holds a
+# few thousand (tasks, coroutines, cancel scopes), so at 700 every burst set off a pass over
+# them all, though reference counting freed nearly all of them moments later: under dnsperf's
+# maximum load ~3,000 passes in 10 s, 5% of the process's time (bench/gc_passes.py). The query
+# path makes no reference cycles (tests/test_no_cycles.py), so the bigger generation holds what
+# lives anyway. The older generations' thresholds (2, 2) keep a full pass about as many
+# allocations apart as CPython's defaults do (90,000 against 85,000): what the failure paths
+# leave in cycles (a closed TLS stream is one, inside trio) is still collected as often.
+GC_THRESHOLDS = (10_000, 2, 2)
 T = TypeVar("T")
 
 
@@ -362,8 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # left a few thousand exception cycles behind: 30-70 ms pauses in the soak, enough for
     # the UDP socket to overflow. Before forking, it also keeps workers' pages shared.
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    gc.set_threshold(*GC_THRESHOLDS)
     if len(socket_sets) == 1:
         trio.run(_run, config, socket_sets[0])
         log.info("stopped")

@@ -22,6 +22,7 @@ from dot_proxy.errors import (
     UpstreamError,
     UpstreamProtocolError,
     WireError,
+    fresh,
 )
 from dot_proxy.streams import BatchWriter, EagerSocketStream
 from dot_proxy.tls import buffered_plaintext, eager_sender, open_tls, quickack_hook
@@ -200,7 +201,11 @@ class Connection:
             return pending.answer
         if pending_map.get(wire_id) is pending:
             pending.abandoned = True  # its answer may come yet: keep the ID, drop the answer
-        raise pending.error or race_lost(self.spec)
+        raise fresh(pending.error) if pending.error else race_lost(self.spec)
+
+    def failure(self) -> UpstreamError:
+        """What to raise in a query that finds this connection closed: a copy of its error."""
+        return fresh(self.error) if self.error else UpstreamClosed(f"{self.spec.label}: closed")
 
     def _has_other_queries(self, queued: int) -> bool:
         # Under load: a burst queued, or answers outstanding besides the queued queries.
@@ -241,6 +246,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        reason = fresh(reason)  # it may carry the frames that raised it (see errors.fresh)
         if self.error is None:
             self.error = reason
         self._scope.cancel()
@@ -291,6 +297,9 @@ class Connection:
                     self._writer.messages,
                     self._writer.sends,
                 )
+                # The writer holds a method of ours (busy=): a cycle that would keep the
+                # closed stream and its buffers until a pass of the cyclic collector.
+                self._writer = None
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 

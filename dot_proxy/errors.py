@@ -11,6 +11,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamTLSError",
     "WireError",
+    "fresh",
 ]
 
 
@@ -55,3 +56,14 @@ class UpstreamProtocolError(UpstreamError):
 
 class UpstreamClosed(UpstreamError):
     """The connection closed or broke before the answer arrived; the query may be retried."""
+
+
+def fresh(error: UpstreamError) -> UpstreamError:
+    """A new error of the same type and message, with no traceback, cause or context.
+
+    An error that is kept (a connection's, a query's on a connection that was retired, a
+    race's) is kept and raised as a copy: raising one object in the tasks of many queries
+    strings each raising frame onto its traceback, and frames that hold the object make
+    reference cycles that only the cyclic collector frees, late (cli.GC_THRESHOLDS).
+    """
+    return type(error)(*error.args)

@@ -19,7 +19,7 @@ import trio
 
 from dot_proxy.config import Config
 from dot_proxy.connection import Race, RaceLost
-from dot_proxy.errors import UpstreamError
+from dot_proxy.errors import UpstreamError, fresh
 from dot_proxy.health import Health, Policy, order_upstreams
 from dot_proxy.upstream import Upstream, open_upstreams
 from dot_proxy.wire import Rcode
@@ -185,7 +185,7 @@ class Resolver:
         except UpstreamError as exc:
             log.debug("%s", exc)
             self._failed(index, trio.current_time(), timeout=False)
-            race.error = exc
+            race.error = fresh(exc)  # not exc: its frames hold the race (see errors.fresh)
             return None
         except trio.Cancelled:
             if not race.finished:  # the query's deadline, not a hedge that lost

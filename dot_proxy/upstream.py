@@ -90,7 +90,7 @@ class Upstream:
                 # one handshake, not a thundering herd.
                 await connection.wait_ready(race)
             if connection.closed:
-                raise connection.error or UpstreamClosed(f"{self.spec.label}: closed")
+                raise connection.failure()
             if connection.has_room:
                 return connection
 
@@ -163,7 +163,7 @@ class Upstream:
         try:
             await connection.wait_ready(race)
             if connection.closed:
-                raise connection.error or UpstreamClosed(f"{self.spec.label}: closed")
+                raise connection.failure()
             return await connection.exchange(message, key, race)
         finally:
             connection.retire(UpstreamClosed("query done"))

@@ -433,11 +433,11 @@ def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch)
     # Full collections scanned every module and the config each time failing upstreams left
     # exception cycles behind (30-70 ms pauses, UDP overflow in the soak): frozen first. And
     # the youngest generation is big enough that a burst of queries in flight does not set off
-    # a pass over all of them (see cli.GC_YOUNG_THRESHOLD).
-    when_serving: list[tuple[int, int]] = []
+    # a pass over all of them (see cli.GC_THRESHOLDS).
+    when_serving: list[tuple[int, tuple[int, int, int]]] = []
 
     def run(_serve: object, _config: object, sockets: list[socket.socket]) -> None:
-        when_serving.append((gc.get_freeze_count(), gc.get_threshold()[0]))
+        when_serving.append((gc.get_freeze_count(), gc.get_threshold()))
         for sock in sockets:
             sock.close()
 
@@ -451,6 +451,6 @@ def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch)
         gc.unfreeze()
         gc.set_threshold(*threshold)
     assert len(when_serving) == 1
-    frozen, young_threshold = when_serving[0]
+    frozen, thresholds = when_serving[0]
     assert frozen > 0
-    assert young_threshold == cli.GC_YOUNG_THRESHOLD
+    assert thresholds == cli.GC_THRESHOLDS
