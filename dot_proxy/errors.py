@@ -61,9 +61,10 @@ class UpstreamClosed(UpstreamError):
 def fresh(error: UpstreamError) -> UpstreamError:
     """A new error of the same type and message, with no traceback, cause or context.
 
-    An error that is kept (a connection's, a query's on a connection that was retired, a
-    race's) is kept and raised as a copy: raising one object in the tasks of many queries
-    strings each raising frame onto its traceback, and frames that hold the object make
-    reference cycles that only the cyclic collector frees, late (cli.GC_THRESHOLDS).
+    For an error kept to be raised later (a connection's, the one a retired connection hands
+    its queries, a race's): it is stored as a copy, and raised as one. Raising one object in
+    the tasks of many queries strings each raising frame onto its traceback, and frames that
+    hold the object make reference cycles that only the cyclic collector frees, and that
+    late (cli.GC_THRESHOLDS).
     """
     return type(error)(*error.args)
