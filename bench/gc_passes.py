@@ -4,10 +4,10 @@
     python bench/gc_passes.py --seconds 10 --thresholds 700,10,10   # CPython's default
 
 Runs dot-proxy in this process (its ``serve``, default configuration, one upstream) against a
-local unbound over DoT, set up as ``cli.main`` sets up the collector (``gc.freeze`` and the
-thresholds, here ``--thresholds``), drives it with dnsperf at maximum load
-and counts every pass through ``gc.callbacks``: how many per generation, their median and
-longest, and their total as a share of the run. The pass counts are the steady figure; the
+local unbound over DoT, with the collector set up as ``cli.main`` sets it up (``gc.freeze``
+and the thresholds, here ``--thresholds``), drives it with dnsperf at maximum load and counts
+every pass through ``gc.callbacks``: how many per generation, their median and longest, and
+their total as a share of the run. The pass counts are the steady figure; the
 times swing with this host's speed like everything else.
 """
 
