@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests import realdns  # noqa: E402
+from dot_proxy.testing import realdns  # noqa: E402
 
 
 class ProxyFrom(realdns.DotProxy):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from inprocess import run_under_dnsperf  # noqa: E402
 
 from dot_proxy import cli  # noqa: E402
-from tests import realdns  # noqa: E402
+from dot_proxy.testing import realdns  # noqa: E402
 
 
 class PassTimer:

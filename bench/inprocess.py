@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 
 def run_under_dnsperf(
@@ -29,7 +29,8 @@ def run_under_dnsperf(
     import trio  # noqa: PLC0415
 
     from dot_proxy.config import Config, parse_upstream  # noqa: PLC0415
-    from dot_proxy.server import ServerStats, serve  # noqa: PLC0415
+    from dot_proxy.handler import ServerStats  # noqa: PLC0415
+    from dot_proxy.serve.server import serve  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="dot-proxy-inprocess-") as temporary:
         work = Path(temporary)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 MIB = 1024 * 1024
 TRANSPORT_COLOURS = {"udp": "tab:blue", "tcp": "tab:orange", "dot": "tab:gray"}

@@ -90,7 +90,8 @@ class CallTimes:
 
     def install(self) -> None:
         """Wrap the calls in the dot_proxy imported (the one ``--source`` chose)."""
-        from dot_proxy import listeners, tls  # noqa: PLC0415
+        from dot_proxy.serve import udp as listeners  # noqa: PLC0415
+        from dot_proxy.upstream import trio_private as tls  # noqa: PLC0415
 
         plain_init = tls.EagerSender.__init__
 
@@ -124,7 +125,7 @@ class _TimedSocket:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))  # tests.realdns from this checkout
+    sys.path.insert(0, str(ROOT))  # dot_proxy.testing.realdns from this checkout
     sys.path.insert(0, str(args.source))  # dot_proxy from the one measured
     # Imported here, after the path is set, so that --source decides which dot_proxy runs.
     import trio  # noqa: PLC0415

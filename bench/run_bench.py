@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.realdns, and so the proxy runs from this checkout
+sys.path.insert(0, str(ROOT))  # so the proxy and its testing helpers run from this checkout
 
 import dns.message  # noqa: E402
 from ab import ProxyFrom, worktree  # noqa: E402
@@ -42,7 +42,7 @@ from report import (  # noqa: E402
     write_chart,
 )
 
-from tests import realdns  # noqa: E402
+from dot_proxy.testing import realdns  # noqa: E402
 
 SYSTEMS = (
     "dot-proxy",

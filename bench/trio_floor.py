@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
-from tests import realdns  # noqa: E402
+from dot_proxy.testing import realdns  # noqa: E402
 
 SHAPES = ("bare", "task", "scope", "handoff")
 BURST = 64

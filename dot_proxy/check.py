@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import trio
 
-from dot_proxy import pins
 from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.core import pins
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.message import message_id
 from dot_proxy.errors import UpstreamError
-from dot_proxy.streams import EagerSocketStream
-from dot_proxy.tls import make_ssl_context, open_tls, quickack_hook
-from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, message_id
+from dot_proxy.upstream.socket_stream import EagerSocketStream
+from dot_proxy.upstream.tls import make_ssl_context, open_tls, quickack_hook
 
 __all__ = ["run_check"]
 

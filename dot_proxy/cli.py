@@ -25,8 +25,9 @@ from dot_proxy import __version__
 from dot_proxy.check import run_check
 from dot_proxy.config import DEFAULT_UPSTREAMS, Config, parse_listen_address, parse_upstream
 from dot_proxy.errors import ConfigError
-from dot_proxy.server import bind_worker_sockets, serve
-from dot_proxy.tls import make_ssl_context
+from dot_proxy.serve.server import serve
+from dot_proxy.serve.sockets import bind_worker_sockets
+from dot_proxy.upstream.tls import make_ssl_context
 from dot_proxy.workers import run_workers, watch_parent
 
 __all__ = ["build_config", "main"]

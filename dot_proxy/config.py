@@ -11,9 +11,9 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from dot_proxy.access import DEFAULT_ALLOW
+from dot_proxy.core.access import DEFAULT_ALLOW
+from dot_proxy.core.pins import PinError, parse_pin
 from dot_proxy.errors import ConfigError
-from dot_proxy.pins import PinError, parse_pin
 
 __all__ = [
     "DEFAULT_UPSTREAMS",

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DotProxyError",
+    "RaceLost",
     "UpstreamClosed",
     "UpstreamConnectError",
     "UpstreamError",
@@ -56,6 +57,10 @@ class UpstreamProtocolError(UpstreamError):
 
 class UpstreamClosed(UpstreamError):
     """The connection closed or broke before the answer arrived; the query may be retried."""
+
+
+class RaceLost(UpstreamError):
+    """Another attempt at the same query answered first; its answer is in ``race.answer``."""
 
 
 def fresh(error: UpstreamError) -> UpstreamError:

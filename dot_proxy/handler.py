@@ -8,10 +8,8 @@ from dataclasses import dataclass
 import trio
 
 from dot_proxy.config import Config
-from dot_proxy.edns import pad_query, strip_padding
-from dot_proxy.errors import UpstreamError, WireError
-from dot_proxy.resolver import Resolver
-from dot_proxy.wire import (
+from dot_proxy.core.edns import pad_query, strip_padding
+from dot_proxy.core.message import (
     HEADER_SIZE,
     Rcode,
     error_reply,
@@ -19,10 +17,12 @@ from dot_proxy.wire import (
     replace_id,
     truncate_for_udp,
 )
+from dot_proxy.errors import UpstreamError, WireError
+from dot_proxy.upstream.group import UpstreamGroup
 
 __all__ = ["QueryHandler", "ServerStats"]
 
-log = logging.getLogger("dot_proxy.server")
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -41,7 +41,7 @@ class ServerStats:
 class QueryHandler:
     """Turns one query's bytes into the bytes to answer with, under one deadline."""
 
-    def __init__(self, resolver: Resolver, config: Config, stats: ServerStats) -> None:
+    def __init__(self, resolver: UpstreamGroup, config: Config, stats: ServerStats) -> None:
         self._resolver = resolver
         self._timeout = config.timeout
         self._padding = config.padding

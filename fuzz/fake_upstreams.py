@@ -1,7 +1,7 @@
 """Fake DoT upstreams for the fuzz target: byte pipes in memory, answers from dnspython.
 
-A :class:`FakeNetwork` stands in for ``dot_proxy.connection.open_tls``: each connection the pool
-opens gets one end of ``trio.testing.memory_stream_pair()``, and a task serving the other end
+A :class:`FakeNetwork` stands in for ``dot_proxy.upstream.connection.open_tls``: each connection the
+pool opens gets one end of ``trio.testing.memory_stream_pair()``, and a task serving the other end
 does what the upstream's :class:`Mode` says, query by query. Everything it sends is kept in
 ``FakeNetwork.sent`` for the invariants (fuzz/invariants.py).
 """
@@ -26,8 +26,9 @@ import trio
 import trio.testing
 
 from dot_proxy.config import UpstreamSpec
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.message import parse_query
 from dot_proxy.errors import UpstreamConnectError, UpstreamTLSError, WireError
-from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, parse_query
 
 __all__ = ["FakeNetwork", "Mode", "answer_bytes", "parses"]
 
@@ -160,7 +161,7 @@ class FakeNetwork:
     sent: list[bytes] = field(default_factory=list)
 
     async def open_tls(self, spec: UpstreamSpec, _context: ssl.SSLContext) -> trio.abc.Stream:
-        """Stands in for ``dot_proxy.connection.open_tls``: same errors, no socket."""
+        """Stands in for ``dot_proxy.upstream.connection.open_tls``: same errors, no socket."""
         mode = self.modes[self.ports[spec.port]]
         await trio.lowlevel.checkpoint()
         if mode is Mode.CONNECT_REFUSED:

@@ -3,15 +3,15 @@
 Shared by the atheris target (``fuzz/fuzz_query_path.py``) and the corpus replay under pytest
 (``tests/test_fuzz_corpus.py``); nothing here imports atheris.
 
-What runs is the real stack: ``QueryHandler`` over a real ``Resolver`` (hedger and prober
+What runs is the real stack: ``QueryHandler`` over a real ``UpstreamGroup`` (hedger and prober
 running) over real ``Upstream`` pools and ``Connection`` objects. Only the byte pipe under a
-connection is fake: ``dot_proxy.connection.open_tls`` is swapped, for the length of one run, for
-a function that hands the connection one end of ``trio.testing.memory_stream_pair()`` and
-serves the other end with a fake upstream that answers through dnspython
-(fuzz/fake_upstreams.py). No TLS runs on that pipe: TLS is OpenSSL's and trio's byte layer,
-whose choices other tests pin down (trustme over memory streams, tests/test_upstream_*.py); a
-handshake per input would cost most of each run and find nothing in dot-proxy. Time is trio's
-``MockClock`` with autojump, so a hanging upstream reaches the five-second deadline at once.
+connection is fake: ``dot_proxy.upstream.connection.open_tls`` is swapped, for the length of one
+run, for a function that hands the connection one end of ``trio.testing.memory_stream_pair()`` and
+serves the other end with a fake upstream that answers through dnspython (fuzz/fake_upstreams.py).
+No TLS runs on that pipe: TLS is OpenSSL's and trio's byte layer, whose choices other tests pin down
+(trustme over memory streams, tests/test_upstream_*.py); a handshake per input would cost most of
+each run and find nothing in dot-proxy. Time is trio's ``MockClock`` with autojump, so a hanging
+upstream reaches the five-second deadline at once.
 
 An input is three control bytes, then the client's message (fuzz/cases.py);
 fuzz/invariants.py says what must hold. :func:`run_input` runs one input and checks it.
@@ -32,11 +32,11 @@ import outcome
 import trio
 import trio.testing
 
-from dot_proxy import connection as connection_module
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.handler import QueryHandler, ServerStats
-from dot_proxy.resolver import Resolver
-from dot_proxy.upstream import Upstream
+from dot_proxy.upstream import connection as connection_module
+from dot_proxy.upstream.group import UpstreamGroup
+from dot_proxy.upstream.pool import Upstream
 from fuzz.cases import CONTROL_SIZE, Case, decode, encode
 from fuzz.fake_upstreams import FakeNetwork, Mode
 from fuzz.invariants import TIMEOUT, InvariantViolation, Outcome, check
@@ -182,12 +182,12 @@ class QueryPath:
                 network = FakeNetwork(case.modes, nursery)
                 network.ports = {spec.port: i for i, spec in enumerate(config.upstreams)}
                 with _swapped_open_tls(network):
-                    # What open_resolver builds, minus the real TLS contexts and sockets.
+                    # What open_upstream_group builds, minus the real TLS contexts and sockets.
                     upstreams = [
                         Upstream(spec, self._ssl_context, config, nursery)
                         for spec in config.upstreams
                     ]
-                    resolver = Resolver(upstreams, config, nursery, rng=random.Random(0))
+                    resolver = UpstreamGroup(upstreams, config, nursery, rng=random.Random(0))
                     nursery.start_soon(resolver.run_hedger)
                     nursery.start_soon(resolver.run_prober)
                     handler = QueryHandler(resolver, config, stats)
@@ -200,7 +200,7 @@ class QueryPath:
 
 @contextmanager
 def _swapped_open_tls(network: FakeNetwork) -> Iterator[None]:
-    # Connection._connect and Connection.run look these names up in dot_proxy.connection at
+    # Connection._connect and Connection.run look these names up in dot_proxy.upstream.connection at
     # call time: swapping them is the one seam needed to run the pool over memory streams.
     with (
         mock.patch.object(connection_module, "open_tls", network.open_tls),

@@ -10,9 +10,9 @@ from typing import Final, NoReturn
 import dns.message
 import dns.rcode
 
+from dot_proxy.core.message import Query, parse_query
 from dot_proxy.errors import WireError
 from dot_proxy.handler import ServerStats
-from dot_proxy.wire import Query, parse_query
 from fuzz.cases import Case
 from fuzz.fake_upstreams import parses
 

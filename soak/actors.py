@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 __all__ = [
     "GarbageStats",

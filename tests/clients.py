@@ -7,7 +7,7 @@ import socket
 import dns.message
 import trio
 
-from dot_proxy.wire import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 
 
 def query(name: str = "example.com.", rdtype: str = "A", **kwargs: object) -> dns.message.Message:

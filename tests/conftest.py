@@ -11,7 +11,8 @@ import trio
 import trustme
 
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.server import ServerStats, serve
+from dot_proxy.handler import ServerStats
+from dot_proxy.serve.server import serve
 from tests.fakes import Behaviour, FakeUpstream, answer_all
 
 

@@ -20,9 +20,10 @@ import trio.testing
 import trustme
 
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.tls import EagerSender
-from dot_proxy.upstream import Upstream, open_upstreams
-from dot_proxy.wire import NEED_DATA, FrameDecoder, frame, parse_query
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.message import parse_query
+from dot_proxy.upstream.pool import Upstream, open_upstreams
+from dot_proxy.upstream.trio_private import EagerSender
 
 AUTH_NAME = "dns.test"
 

@@ -30,8 +30,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-import dot_proxy.access
-from dot_proxy.access import DEFAULT_ALLOW, AccessList, RateLimiter, client_network
+import dot_proxy.core.access
+from dot_proxy.core.access import DEFAULT_ALLOW, AccessList, RateLimiter, client_network
 from tests.clients import TcpClient, query, receive_until_closed, udp_send
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import patient_clock
@@ -192,7 +192,7 @@ def test_an_empty_list_allows_nothing() -> None:
 
 
 def test_the_verdict_cache_is_bounded_and_stays_right(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dot_proxy.access, "_MAX_TRACKED", 100)
+    monkeypatch.setattr(dot_proxy.core.access, "_MAX_TRACKED", 100)
     access = AccessList(["10.0.0.0/16"])
     for round_ in range(3):
         for index in range(1000):  # a scan of spoofed sources, half inside, half outside
@@ -217,7 +217,7 @@ def test_verdicts_agree_with_the_ipaddress_module(address: object) -> None:
 
 def test_the_access_module_is_pure() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, dot_proxy.access; print('trio' in sys.modules)"],
+        [sys.executable, "-c", "import sys, dot_proxy.core.access; print('trio' in sys.modules)"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -294,7 +294,7 @@ def test_not_an_address_is_never_admitted() -> None:
 
 
 def test_the_buckets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dot_proxy.access, "_MAX_TRACKED", 100)
+    monkeypatch.setattr(dot_proxy.core.access, "_MAX_TRACKED", 100)
     limiter = RateLimiter(1)
     for index in range(2000):
         limiter.allow(f"10.{index // 256}.{index % 256}.1", 0.0)

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from dot_proxy.streams import BatchWriter
+from dot_proxy.upstream.writer import BatchWriter
 from tests.conftest import StartUpstream
 from tests.fakes import ask, open_pool, patient_clock
 

@@ -19,10 +19,11 @@ import dns.message
 import dns.rcode
 import pytest
 
-from dot_proxy import cli, server
+from dot_proxy import cli
 from dot_proxy.cli import build_config
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import ConfigError
+from dot_proxy.serve import sockets
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds a broken run only; a healthy one takes a fraction of a second. Not a speed assertion.
@@ -237,7 +238,7 @@ def test_no_permission_for_a_low_port_says_how_to_choose_another(
     def refuse(address: str, port: int, kind: int, reuse_port: bool) -> socket.socket:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(server, "_bind_one", refuse)
+    monkeypatch.setattr(sockets, "_bind_one", refuse)
     monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
     with pytest.raises(SystemExit) as exited:
         cli.main(["--listen", "127.0.0.1", "--port", "53"])

@@ -1,4 +1,4 @@
-"""Pure tests of :mod:`dot_proxy.edns`: dnspython builds the messages and judges the results.
+"""Pure tests of :mod:`dot_proxy.core.edns`: dnspython builds the messages and judges the results.
 
 A padded query must be, to dnspython, the same query plus one Padding option of zeros and
 nothing else; a stripped answer the same answer minus its Padding option (or minus its whole OPT
@@ -25,9 +25,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dot_proxy.edns import OPTION_PADDING, QUERY_BLOCK, _layout, pad_query, strip_padding
-from dot_proxy.errors import WireError
-from dot_proxy.wire import (
+from dot_proxy.core.edns import OPTION_PADDING, QUERY_BLOCK, _layout, pad_query, strip_padding
+from dot_proxy.core.message import (
     Rcode,
     _question_end,
     _rr_type,
@@ -35,6 +34,7 @@ from dot_proxy.wire import (
     answer_question_key,
     parse_query,
 )
+from dot_proxy.errors import WireError
 
 SOME = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -566,7 +566,7 @@ def test_unbound_style_468_byte_answer_shrinks_to_its_content() -> None:
 
 
 def test_edns_and_pins_do_not_import_trio() -> None:
-    code = "import dot_proxy.edns, dot_proxy.pins, sys; assert 'trio' not in sys.modules"
+    code = "import dot_proxy.core.edns, dot_proxy.core.pins, sys; assert 'trio' not in sys.modules"
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False

@@ -29,10 +29,10 @@ import trio
 import trio.testing
 import trustme
 
-import dot_proxy.server
+import dot_proxy.serve.server
 from dot_proxy.config import Config
-from dot_proxy.resolver import Resolver
-from dot_proxy.wire import message_id
+from dot_proxy.core.message import message_id
+from dot_proxy.upstream.group import UpstreamGroup
 from tests.clients import TcpClient, query
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakes import (
@@ -65,18 +65,18 @@ def clock() -> trio.testing.MockClock:
 
 
 @pytest.fixture
-def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[Resolver]:
+def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
     """The resolver of every proxy this test starts (the proxy does not expose it)."""
-    caught: list[Resolver] = []
-    original = dot_proxy.server.open_resolver
+    caught: list[UpstreamGroup] = []
+    original = dot_proxy.serve.server.open_upstream_group
 
     @asynccontextmanager
-    async def catching(config: Config) -> AsyncIterator[Resolver]:
+    async def catching(config: Config) -> AsyncIterator[UpstreamGroup]:
         async with original(config) as resolver:
             caught.append(resolver)
             yield resolver
 
-    monkeypatch.setattr(dot_proxy.server, "open_resolver", catching)
+    monkeypatch.setattr(dot_proxy.serve.server, "open_upstream_group", catching)
     return caught
 
 
@@ -284,12 +284,12 @@ def open_fds() -> int:
 class Steady:
     """What a proxy idle with no upstream connection looks like: compare it afterwards."""
 
-    resolver: Resolver
+    resolver: UpstreamGroup
     tasks: Counter[str]
     fds: int
 
     @classmethod
-    async def now(cls, resolver: Resolver) -> Steady:
+    async def now(cls, resolver: UpstreamGroup) -> Steady:
         await trio.sleep(0.1)  # let the start-up settle
         assert not resolver.upstreams[0].connections
         return cls(resolver, task_names(), open_fds())
@@ -319,7 +319,7 @@ class Steady:
 class Setup:
     fake: Faulty
     proxy: RunningProxy
-    resolver: Resolver
+    resolver: UpstreamGroup
     steady: Steady
 
 
@@ -328,7 +328,7 @@ async def start_faulty(
     ca: trustme.CA,
     nursery: trio.Nursery,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> Callable[[Fault], Awaitable[Setup]]:
     async def start(fault: Fault) -> Setup:
         fake = Faulty(ca, behaviour=fault.behaviour, raw=fault.raw)

@@ -1,6 +1,6 @@
 """The fuzz target's invariants, without atheris: every seed, and every crash the fuzzer found.
 
-``fuzz/harness.py`` runs one input through the real query path (QueryHandler, Resolver,
+``fuzz/harness.py`` runs one input through the real query path (QueryHandler, UpstreamGroup,
 Upstream pools) over in-memory fake upstreams and checks it; ``nox -s fuzz`` runs the same
 harness under atheris. Here, in the default test session, the committed seed corpus replays
 through it, the checker is shown to catch what it claims to, and each input the fuzzer ever

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dot_proxy.health import (
+from dot_proxy.core.health import (
     BACKOFF_CAP,
     BACKOFF_FIRST,
     SAMPLES,

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.testing
 
-from dot_proxy.listeners import MAX_TCP_CLIENT_PIPELINE
+from dot_proxy.serve.tcp import MAX_TCP_CLIENT_PIPELINE
 from tests.clients import TcpClient, query, receive_until_closed, tcp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from dot_proxy.errors import UpstreamClosed, fresh
-from dot_proxy.streams import EagerSocketStream
+from dot_proxy.upstream.socket_stream import EagerSocketStream
 from tests import fakes
 from tests.clients import TcpClient, query, udp_exchange
 from tests.conftest import StartProxy, StartUpstream

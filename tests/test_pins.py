@@ -1,4 +1,4 @@
-"""Pure tests of :mod:`dot_proxy.pins`: trustme certificates, ``cryptography`` as the oracle.
+"""Pure tests of :mod:`dot_proxy.core.pins`: trustme certificates, ``cryptography`` as the oracle.
 
 ``cryptography`` (a dependency of trustme) re-encodes each certificate's public key as a
 SubjectPublicKeyInfo; our DER walker must find the very same bytes in the certificate. The
@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dot_proxy.pins
+import dot_proxy.core.pins
+from dot_proxy.core.pins import PIN_PREFIX, PinError, matches, parse_pin, spki_sha256_b64
 from dot_proxy.errors import DotProxyError
-from dot_proxy.pins import PIN_PREFIX, PinError, matches, parse_pin, spki_sha256_b64
 
 SOME = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -107,7 +107,9 @@ def test_openssl_recipe_in_the_docstring_gives_the_same_pin(chain: Chain, tmp_pa
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     recipe = next(
-        line.strip() for line in (dot_proxy.pins.__doc__ or "").splitlines() if "s_client" in line
+        line.strip()
+        for line in (dot_proxy.core.pins.__doc__ or "").splitlines()
+        if "s_client" in line
     )
     stages = [stage.strip() for stage in recipe.split("|")]
     assert stages[0].startswith("openssl s_client")

@@ -13,7 +13,7 @@ import dns.message
 import dns.rcode
 import trustme
 
-from dot_proxy.pins import spki_sha256_b64
+from dot_proxy.core.pins import spki_sha256_b64
 from tests.clients import query, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import FakeUpstream

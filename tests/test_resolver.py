@@ -24,11 +24,11 @@ import trio
 import trio.testing
 import trustme
 
-import dot_proxy.server
+import dot_proxy.serve.server
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.connection import Race
-from dot_proxy.health import TIMEOUTS_TO_DOWN
-from dot_proxy.resolver import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL, Resolver
+from dot_proxy.core.health import TIMEOUTS_TO_DOWN
+from dot_proxy.upstream.group import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL, UpstreamGroup
+from dot_proxy.upstream.race import Race
 from tests.clients import query, udp_exchange
 from tests.conftest import RunningProxy, StartProxy, StartUpstream
 from tests.fakes import (
@@ -57,18 +57,18 @@ def clock() -> trio.testing.MockClock:
 
 
 @pytest.fixture
-def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[Resolver]:
+def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
     """The resolver of every proxy this test starts, in order."""
-    caught: list[Resolver] = []
-    original = dot_proxy.server.open_resolver  # type: ignore[attr-defined]
+    caught: list[UpstreamGroup] = []
+    original = dot_proxy.serve.server.open_upstream_group  # type: ignore[attr-defined]
 
     @asynccontextmanager
-    async def catching(config: Config) -> AsyncIterator[Resolver]:
+    async def catching(config: Config) -> AsyncIterator[UpstreamGroup]:
         async with original(config) as resolver:
             caught.append(resolver)
             yield resolver
 
-    monkeypatch.setattr(dot_proxy.server, "open_resolver", catching)
+    monkeypatch.setattr(dot_proxy.serve.server, "open_upstream_group", catching)
     return caught
 
 
@@ -241,7 +241,7 @@ async def test_a_refused_first_upstream_fails_over_to_the_second_at_once(
     closed_port: ClosedPort,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     second = await start_upstream(answering(from_address(B)))
     proxy = await start_proxy([closed_port, second])
@@ -260,7 +260,7 @@ async def test_a_failed_upstream_is_skipped_probed_and_comes_back(
     nursery: trio.Nursery,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     first = Refusing(ca, behaviour=answering(from_address(A)))
     await start(nursery, first)
@@ -316,7 +316,7 @@ async def test_all_down_the_client_is_answered_as_soon_as_one_works(
     ca: trustme.CA,
     nursery: trio.Nursery,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     first = Refusing(ca, behaviour=answering(from_address(A)))
     second = Refusing(ca, behaviour=answering(from_address(B)))
@@ -356,7 +356,7 @@ async def test_a_hedge_never_goes_to_a_down_upstream(
     nursery: trio.Nursery,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     # The issue: a hedge goes to "the next healthy upstream". A down one is left to the
     # prober and its backoff; client queries that are merely slow must not hammer it.
@@ -404,7 +404,7 @@ async def test_fastest_prefers_the_lower_latency_upstream(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     slow = await start_upstream(answer_after(0.1, from_address(A)))
     fast = await start_upstream(answer_after(0.01, from_address(B)))
@@ -514,7 +514,7 @@ async def test_a_hedged_query_is_abandoned_without_harm_to_its_connection(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     # The first answers "slow" names after 2 s, "other" after 0.5 s and the rest at once; the
     # second answers "slow" at once and never answers "other".
@@ -654,7 +654,7 @@ async def test_a_soft_failure_is_retried_on_the_next_upstream(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
     rcode: dns.rcode.Rcode,
 ) -> None:
     first = await start_upstream(answering(soft_failure(rcode, "first")))
@@ -688,7 +688,7 @@ async def test_when_every_upstream_fails_softly_the_last_answer_is_passed_on(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
     rcodes: tuple[dns.rcode.Rcode, dns.rcode.Rcode],
     expected_rcode: dns.rcode.Rcode,
     expected_tag: str,
@@ -718,7 +718,7 @@ async def test_every_upstream_hanging_gives_servfail_at_the_deadline_and_leaks_n
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[Resolver],
+    resolvers: list[UpstreamGroup],
 ) -> None:
     fakes = [await start_upstream(hang) for _ in range(3)]
     proxy = await start_proxy(fakes, timeout=TIMEOUT)

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from dot_proxy.wire import message_id, replace_id
+from dot_proxy.core.message import message_id, replace_id
 from tests.clients import TcpClient, query, tcp_exchange, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (

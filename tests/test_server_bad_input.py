@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.server import ServerStats, serve
+from dot_proxy.handler import ServerStats
+from dot_proxy.serve.server import serve
 from tests.clients import TcpClient, query, udp_exchange, udp_receive_answer, udp_send
 from tests.conftest import RunningProxy, StartProxy, StartUpstream
 from tests.fakes import (

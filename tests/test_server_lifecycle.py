@@ -13,7 +13,9 @@ import trio
 import trio.testing
 
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.server import UDP_RECEIVE_BUFFER, ServerStats, bind_sockets, serve
+from dot_proxy.handler import ServerStats
+from dot_proxy.serve.server import serve
+from dot_proxy.serve.sockets import UDP_RECEIVE_BUFFER, bind_sockets
 from tests.clients import TcpClient, query, receive_until_closed, udp_exchange, udp_send
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (

@@ -24,8 +24,8 @@ import trio.testing
 import trustme
 
 from dot_proxy.config import parse_upstream
-from dot_proxy.streams import EagerSocketStream
-from dot_proxy.tls import make_ssl_context, open_tls
+from dot_proxy.upstream.socket_stream import EagerSocketStream
+from dot_proxy.upstream.tls import make_ssl_context, open_tls
 from tests.conftest import StartUpstream
 from tests.fakes import tls_pair
 

@@ -24,11 +24,11 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dot_proxy import connection as connection_module
 from dot_proxy.config import Config, parse_upstream
-from dot_proxy.tls import buffered_plaintext
-from dot_proxy.upstream import Upstream, open_upstreams
-from dot_proxy.wire import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.upstream import connection as connection_module
+from dot_proxy.upstream.pool import Upstream, open_upstreams
+from dot_proxy.upstream.trio_private import buffered_plaintext
 from tests.fakes import answer_for, ask, tls_pair
 
 TLS = trio.SSLStream[Any]

@@ -25,8 +25,8 @@ import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dot_proxy.streams import EagerSocketStream
-from dot_proxy.tls import EagerSender, eager_sender
+from dot_proxy.upstream.socket_stream import EagerSocketStream
+from dot_proxy.upstream.trio_private import EagerSender, eager_sender
 from tests.fakes import tls_pair
 
 TLS = trio.SSLStream[Any]

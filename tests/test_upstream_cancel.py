@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import trustme
 
-from dot_proxy.upstream import Upstream
+from dot_proxy.upstream.pool import Upstream
 from tests.conftest import StartUpstream
 from tests.fakes import (
     FakeUpstream,

@@ -17,8 +17,8 @@ import trio
 import trio.testing
 
 from dot_proxy.config import Config, parse_upstream
+from dot_proxy.core.message import message_id
 from dot_proxy.errors import UpstreamClosed
-from dot_proxy.wire import message_id
 from tests.clients import query, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (

@@ -17,8 +17,9 @@ import pytest
 import trio
 import trio.testing
 
-from dot_proxy.upstream import Upstream
-from dot_proxy.wire import frame, message_id
+from dot_proxy.core.framing import frame
+from dot_proxy.core.message import message_id
+from dot_proxy.upstream.pool import Upstream
 from tests.clients import TcpClient, query, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (

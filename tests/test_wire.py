@@ -1,4 +1,4 @@
-"""Pure tests of :mod:`dot_proxy.wire`: no event loop, dnspython as oracle, hypothesis for the rest.
+"""Pure tests of :mod:`dot_proxy.core.message`: no event loop, dnspython as oracle, hypothesis.
 
 Every message under test is either made by dnspython (and then read back by it to say what the
 right answer is) or built by hand next to the RFC rule it breaks. Hypothesis covers what no list of
@@ -28,23 +28,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dot_proxy.errors import WireError
-from dot_proxy.wire import (
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame, frame_with_id
+from dot_proxy.core.message import (
     MAX_MESSAGE_SIZE,
-    NEED_DATA,
-    FrameDecoder,
     Query,
     Rcode,
     answer_matches,
     answer_question_key,
     error_reply,
-    frame,
-    frame_with_id,
     message_id,
     parse_query,
     replace_id,
     truncate_for_udp,
 )
+from dot_proxy.errors import WireError
 
 # Hypothesis budgets: enough examples to find edge cases, few enough that the whole file runs in
 # seconds on a busy CI machine. No deadlines: a loaded machine must not turn into a flaky test.

@@ -26,7 +26,7 @@ import pytest
 
 from dot_proxy.cli import build_config
 from dot_proxy.errors import ConfigError
-from dot_proxy.server import bind_worker_sockets
+from dot_proxy.serve.sockets import bind_worker_sockets
 from dot_proxy.workers import PARENT_CHECK_INTERVAL
 from tests.test_cli import HANG_GUARD, Proxy, udp_servfail
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 
 def _require_tools(*names: str) -> None:

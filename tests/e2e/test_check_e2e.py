@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dot_proxy.pins import spki_sha256_b64
-from tests import realdns
+from dot_proxy.core.pins import spki_sha256_b64
+from dot_proxy.testing import realdns
 
 pytestmark = pytest.mark.e2e
 

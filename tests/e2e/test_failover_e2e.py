@@ -23,7 +23,7 @@ import dns.exception
 import dns.rcode
 import pytest
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests import realdns
+from dot_proxy.testing import realdns
 
 # dnspython's default EDNS payload and the DNS Flag Day 2020 size: big.test must exceed it.
 EDNS_SAFE_SIZE = 1232

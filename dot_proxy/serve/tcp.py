@@ -1,9 +1,7 @@
-"""Serve loops: UDP datagrams and TCP client connections, one task per query.
+"""The TCP serve loop: client connections, pipelined queries, one task per query.
 
-Both work on non-blocking stdlib sockets woken by ``trio.lowlevel.wait_readable``: under load
-one wake-up drains a burst of datagrams or frames, whose tasks then run in one scheduling batch,
-so their queries leave for the upstream in one TLS write. trio's socket wrappers would yield
-after every call and resolve the address of every datagram sent.
+Client sockets are non-blocking stdlib sockets woken by trio: one wake-up reads every frame that
+arrived (RFC 7766 §6.2.1.1 pipelining), and answers are written back whole as each completes.
 """
 
 from __future__ import annotations
@@ -16,119 +14,18 @@ from typing import NoReturn
 
 import trio
 
-from dot_proxy.access import AccessList, RateLimiter
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.errors import WireError
-from dot_proxy.handler import QueryHandler, ServerStats
-from dot_proxy.streams import SocketWriter
-from dot_proxy.wire import HEADER_SIZE, NEED_DATA, FrameDecoder, Rcode, error_reply, frame
+from dot_proxy.serve.client_writer import SocketWriter
+from dot_proxy.serve.listening import Listening, refusal
 
-__all__ = ["Listening", "serve_tcp", "serve_udp"]
+__all__ = ["MAX_TCP_CLIENT_PIPELINE", "serve_tcp"]
 
-log = logging.getLogger("dot_proxy.server")
+log = logging.getLogger(__name__)
 
-MAX_DATAGRAM = 65535
-# Datagrams taken per wake-up at most, so one flooded socket cannot starve the rest. About
-# what the kernel's default receive buffer (208 KiB) holds of small queries: a round that
-# runs long (a burst of answers, a collector pause) must not leave the socket to overflow
-# because each wake-up took a fraction of what was waiting.
-BURST = 256
 # RFC 7766 §6.2.1.1: a client may pipeline; bound what one connection may have in flight.
 MAX_TCP_CLIENT_PIPELINE = 128
 _RECEIVE_SIZE = 65536
-
-
-@dataclass(slots=True)
-class Listening:
-    """What every serve loop shares: the handler, where tasks live, limits and policy."""
-
-    handler: QueryHandler
-    nursery: trio.Nursery  # per-query UDP tasks and per-connection TCP tasks
-    limiter: trio.Semaphore  # queries being resolved, all transports (--max-in-flight)
-    tcp_clients: trio.Semaphore  # open client connections (--max-tcp-clients)
-    stats: ServerStats
-    access: AccessList
-    ratelimit: RateLimiter | None
-    tcp_idle_timeout: float
-
-    def admits(self, host: str) -> bool:
-        """Whether a query from ``host`` is within its network's rate (always, if off)."""
-        ratelimit = self.ratelimit
-        if ratelimit is None or ratelimit.allow(host, trio.current_time()):
-            return True
-        self.stats.ratelimited += 1
-        return False
-
-
-def _refusal(data: bytes) -> bytes | None:
-    # REFUSED to a query; nothing to a response or a fragment (no reflection of junk).
-    if len(data) < HEADER_SIZE or data[2] & 0x80:
-        return None
-    return error_reply(data, Rcode.REFUSED)
-
-
-async def serve_udp(
-    sock: socket.socket,
-    listening: Listening,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Receive datagrams forever, answering each in its own task.
-
-    A source outside the access list gets REFUSED; one over its rate limit, or arriving when
-    ``--max-in-flight`` queries are being resolved, is dropped (the client retries): nothing
-    queues without bound.
-    """
-    sock.setblocking(False)
-    stats, limiter, access = listening.stats, listening.limiter, listening.access
-    task_status.started(sock.getsockname()[:2])
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        for _ in range(BURST):
-            try:
-                data, address = sock.recvfrom(MAX_DATAGRAM)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                # e.g. ECONNREFUSED from an ICMP error about an earlier answer: not fatal.
-                log.debug("udp receive: %s", exc)
-                continue
-            if not access.allows(address[0]):
-                stats.refused += 1
-                if (reply := _refusal(data)) is not None:
-                    _send_datagram(sock, reply, address, stats)
-                continue
-            if not listening.admits(address[0]):
-                continue
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                stats.dropped_busy += 1
-                continue
-            listening.nursery.start_soon(_answer_datagram, sock, listening, data, address)
-
-
-def _send_datagram(
-    sock: socket.socket, reply: bytes, address: tuple[object, ...], stats: ServerStats
-) -> None:
-    try:
-        sock.sendto(reply, address)
-    except BlockingIOError:
-        # The send buffer is full: drop, as the kernel would for a blocking socket under
-        # pressure; the client retries. Waiting here would hold a slot.
-        stats.dropped_busy += 1
-    except OSError as exc:
-        log.debug("udp send: %s", exc)
-
-
-async def _answer_datagram(
-    sock: socket.socket, listening: Listening, data: bytes, address: tuple[object, ...]
-) -> None:
-    try:
-        reply = await listening.handler.answer(data, udp=True)
-        if reply is not None:
-            _send_datagram(sock, reply, address, listening.stats)
-    finally:
-        listening.limiter.release()
 
 
 async def serve_tcp(
@@ -186,7 +83,7 @@ async def _refuse_tcp_client(sock: socket.socket, listening: Listening) -> None:
                 if not data:
                     return
                 decoder.feed(data)
-            if (reply := _refusal(message)) is not None:
+            if (reply := refusal(message)) is not None:
                 sock.send(frame(reply))
     except (OSError, WireError):
         pass
@@ -292,7 +189,7 @@ async def _start_queries(
         if not listening.admits(client.host):
             # Over its network's rate: REFUSED, since a TCP client would wait out its
             # timeout for a dropped query.
-            if (reply := _refusal(message)) is not None:
+            if (reply := refusal(message)) is not None:
                 client.writer.write_nowait(frame(reply))
             continue
         # Take both slots before spawning (trio #527): a client that pipelines faster than

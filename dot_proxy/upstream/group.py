@@ -2,7 +2,7 @@
 
 The query's task asks upstreams one after another (failover); a background hedger asks the
 next upstream too when the first is slower than its own recent p95, and the first valid answer
-wins. Health (:mod:`dot_proxy.health`) orders the upstreams and a background prober brings a
+wins. Health (:mod:`dot_proxy.core.health`) orders the upstreams and a background prober brings a
 down one back, so client queries are not spent finding out whether it recovered.
 """
 
@@ -18,13 +18,13 @@ from contextlib import asynccontextmanager
 import trio
 
 from dot_proxy.config import Config
-from dot_proxy.connection import Race, RaceLost
-from dot_proxy.errors import UpstreamError, fresh
-from dot_proxy.health import Health, Policy, order_upstreams
-from dot_proxy.upstream import Upstream, open_upstreams
-from dot_proxy.wire import Rcode
+from dot_proxy.core.health import Health, Policy, order_upstreams
+from dot_proxy.core.message import Rcode
+from dot_proxy.errors import RaceLost, UpstreamError, fresh
+from dot_proxy.upstream.pool import Upstream, open_upstreams
+from dot_proxy.upstream.race import Race
 
-__all__ = ["Resolver", "open_resolver"]
+__all__ = ["UpstreamGroup", "open_upstream_group"]
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,11 @@ class _Attempts(Race):
         return self.order[self.claimed - 1]
 
 
-class Resolver:
+class UpstreamGroup:
     """Answers queries from the upstreams, keeping their health.
 
     Resource handling: the hedger and prober tasks run in ``nursery`` (see
-    :func:`open_resolver`); per-query state lives in the query's task.
+    :func:`open_upstream_group`); per-query state lives in the query's task.
     """
 
     def __init__(
@@ -316,10 +316,10 @@ class Resolver:
 
 
 @asynccontextmanager
-async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
+async def open_upstream_group(config: Config) -> AsyncIterator[UpstreamGroup]:
     """Open the upstream pools and a resolver over them, with its background tasks."""
     async with open_upstreams(config) as upstreams, trio.open_nursery() as nursery:
-        resolver = Resolver(upstreams, config, nursery)
+        resolver = UpstreamGroup(upstreams, config, nursery)
         nursery.start_soon(resolver.run_hedger)
         nursery.start_soon(resolver.run_prober)
         try:

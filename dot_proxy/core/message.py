@@ -1,9 +1,10 @@
 """DNS wire format, sans-I/O: bytes in, values or bytes out.
 
 Only what a forwarder needs: read a query's header, question and EDNS OPT record; match an
-answer to its query; rewrite IDs; build error answers; truncate for UDP; and split a TCP/TLS
-byte stream into length-prefixed messages. Nothing here imports trio, touches a socket or reads
-the clock, so every function is tested directly (tests/test_wire*.py, dnspython as the oracle).
+answer to its query; rewrite IDs; build error answers; truncate for UDP. (Length-prefixed
+framing for TCP and TLS is :mod:`dot_proxy.core.framing`.) Nothing here imports trio, touches a
+socket or reads the clock, so every function is tested directly (tests/test_wire.py, dnspython
+as the oracle).
 
 Messages are handled as ``bytes`` and parsed only as deep as needed: a forwarder passes answers
 through untouched, so walking every record of every answer would be wasted work on the hot path.
@@ -20,16 +21,11 @@ from dot_proxy.errors import WireError
 __all__ = [
     "HEADER_SIZE",
     "MAX_MESSAGE_SIZE",
-    "NEED_DATA",
-    "FrameDecoder",
-    "NeedData",
     "Query",
     "Rcode",
     "answer_matches",
     "answer_question_key",
     "error_reply",
-    "frame",
-    "frame_with_id",
     "message_id",
     "parse_query",
     "replace_id",
@@ -59,7 +55,6 @@ EDNS_DO: Final = 0x8000
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
-_FRAME_AND_ID = struct.Struct("!HH")  # TCP length prefix, then the message's ID
 
 
 class Rcode(enum.IntEnum):
@@ -71,16 +66,6 @@ class Rcode(enum.IntEnum):
     NXDOMAIN = 3
     NOTIMP = 4
     REFUSED = 5
-
-
-class NeedData(enum.Enum):
-    """The type of :data:`NEED_DATA`."""
-
-    NEED_DATA = enum.auto()
-
-
-#: Returned by :meth:`FrameDecoder.next_message` when no complete message is buffered.
-NEED_DATA: Final = NeedData.NEED_DATA
 
 
 class Query(NamedTuple):
@@ -262,79 +247,6 @@ def truncate_for_udp(answer: bytes, limit: int) -> bytes:
         qdcount, question = 0, b""
     header = _HEADER.pack(msg_id, flags | FLAG_TC, qdcount, 0, 0, 0 if opt is None else 1)
     return header + question + (opt or b"")
-
-
-def frame(message: bytes) -> bytes:
-    """Prefix a message with its two-byte length, for TCP and TLS (RFC 1035 §4.2.2)."""
-    if len(message) > MAX_MESSAGE_SIZE:
-        raise WireError("message longer than 65,535 bytes", rcode=None)
-    return len(message).to_bytes(2, "big") + message
-
-
-def frame_with_id(message: bytes, new_id: int) -> bytes:
-    """``frame(replace_id(message, new_id))`` in one concatenation (every upstream query)."""
-    if len(message) > MAX_MESSAGE_SIZE:
-        raise WireError("message longer than 65,535 bytes", rcode=None)
-    return _FRAME_AND_ID.pack(len(message), new_id) + message[2:]
-
-
-class FrameDecoder:
-    """Split a byte stream into length-prefixed DNS messages (RFC 1035 §4.2.2, RFC 7858 §3.3).
-
-    Feed it whatever arrives with :meth:`feed`, then call :meth:`next_message` until it returns
-    :data:`NEED_DATA`. It never holds more than ``max_buffer`` bytes: a peer that sends faster
-    than the owner drains is an error, not a memory leak.
-    """
-
-    __slots__ = ("_buffer", "_max_buffer", "_start")
-
-    def __init__(self, *, max_buffer: int = 4 * (MAX_MESSAGE_SIZE + 2)) -> None:
-        if max_buffer < MAX_MESSAGE_SIZE + 2:
-            raise ValueError("max_buffer must hold at least one whole message")
-        self._buffer = bytearray()
-        self._start = 0
-        self._max_buffer = max_buffer
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as a message."""
-        return len(self._buffer) - self._start
-
-    def feed(self, data: bytes | bytearray) -> None:
-        """Add received bytes.
-
-        Error handling: raises :class:`WireError` (rcode ``None``) if more than ``max_buffer``
-        bytes would then be waiting.
-        """
-        if self._start:
-            del self._buffer[: self._start]
-            self._start = 0
-        if len(self._buffer) + len(data) > self._max_buffer:
-            raise WireError("peer sent more than the frame buffer holds", rcode=None)
-        self._buffer += data
-
-    def next_message(self) -> bytes | NeedData:
-        """The next whole message, or :data:`NEED_DATA`. A zero-length frame gives ``b""``."""
-        buffer, start = self._buffer, self._start
-        available = len(buffer) - start
-        if available < 2:
-            return NEED_DATA
-        size = (buffer[start] << 8) | buffer[start + 1]
-        if available < size + 2:
-            return NEED_DATA
-        end = start + 2 + size
-        message = bytes(buffer[start + 2 : end])
-        if end == len(buffer):
-            buffer.clear()
-            self._start = 0
-        else:
-            self._start = end
-        return message
-
-    @property
-    def in_frame(self) -> bool:
-        """Whether bytes are waiting that :meth:`next_message` has not returned yet."""
-        return self.buffered > 0
 
 
 # --- walking names and records -------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The pool of connections to one upstream resolver (RFC 7858 §3.4: reuse and pipeline).
 
-An :class:`Upstream` opens :class:`~dot_proxy.connection.Connection` objects as queries need
-them, up to a bound, shares a handshake among concurrent first queries, hands each query a
+An :class:`Upstream` opens :class:`~dot_proxy.upstream.connection.Connection` objects as queries
+need them, up to a bound, shares a handshake among concurrent first queries, hands each query a
 connection with room, and retries a query once when its connection closed under it.
 """
 
@@ -15,9 +15,10 @@ from contextlib import asynccontextmanager
 import trio
 
 from dot_proxy.config import Config, UpstreamSpec
-from dot_proxy.connection import Connection, Race, race_lost
 from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
-from dot_proxy.tls import make_ssl_context
+from dot_proxy.upstream.connection import Connection, race_lost
+from dot_proxy.upstream.race import Race
+from dot_proxy.upstream.tls import make_ssl_context
 
 __all__ = ["Upstream", "open_upstreams"]
 

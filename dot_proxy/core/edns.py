@@ -6,9 +6,9 @@ query was padded). Padding only hides sizes on the encrypted hop: answers are st
 before they go back to the client in cleartext, where it only costs bytes and can push a UDP
 answer over the client's limit (RFC 7830 limits padding to encrypted transports).
 
-Like :mod:`dot_proxy.wire`, this module takes bytes and returns bytes: no trio, no sockets, no
-clock. Messages are walked record by record with the wire module's helpers, which read only
-names and record headers; record data is never parsed.
+Like :mod:`dot_proxy.core.message`, this module takes bytes and returns bytes: no trio, no sockets,
+no clock. Messages are walked record by record with the wire module's helpers, which read only names
+and record headers; record data is never parsed.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from dot_proxy.errors import WireError
-from dot_proxy.wire import (
+from dot_proxy.core.message import (
     _HEADER,
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
@@ -27,6 +26,7 @@ from dot_proxy.wire import (
     _name_end,
     _question_end,
 )
+from dot_proxy.errors import WireError
 
 __all__ = [
     "OPTION_PADDING",

@@ -1,9 +1,4 @@
-"""The server: bind the listening sockets, run the serve loops, stop gracefully.
-
-``serve`` owns two nurseries: the listeners' (UDP receive loops, TCP accept loops) and the work
-nursery (per-query UDP tasks, per-connection TCP tasks). Shutdown cancels the listeners first,
-then gives work in flight a grace period before cancelling it too.
-"""
+"""Binding the listening sockets: UDP and TCP on each address, one port, per worker."""
 
 from __future__ import annotations
 
@@ -12,22 +7,14 @@ import dataclasses
 import errno
 import logging
 import socket
-from collections.abc import Sequence
 
-import trio
-
-from dot_proxy.access import AccessList, RateLimiter
 from dot_proxy.config import Config
 from dot_proxy.errors import ConfigError
-from dot_proxy.handler import QueryHandler, ServerStats
-from dot_proxy.listeners import Listening, serve_tcp, serve_udp
-from dot_proxy.resolver import open_resolver
 
-__all__ = ["QueryHandler", "ServerStats", "bind_sockets", "bind_worker_sockets", "serve"]
+__all__ = ["UDP_RECEIVE_BUFFER", "bind_sockets", "bind_worker_sockets"]
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE = 1.0
 TCP_BACKLOG = 1024
 # The UDP receive buffer asked for. The kernel default (208 KiB) holds ~270 small queries: a
 # client that had a thousand queries answered at once (an upstream came back) and sends the
@@ -160,71 +147,3 @@ def _bind_error(address: str, port: int, exc: OSError) -> ConfigError:
             "another port, e.g. --port 5353"
         )
     return ConfigError(f"--listen: cannot listen on {where}: {exc.strerror or exc}")
-
-
-async def serve(
-    config: Config,
-    *,
-    sockets: Sequence[socket.socket] | None = None,
-    stop: trio.Event | None = None,
-    stats: ServerStats | None = None,
-    task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve DNS on ``sockets`` (bound from ``config`` if not given) until ``stop`` is set.
-
-    Reports the bound ``(transport, address, port)`` triples through ``task_status``. When
-    ``stop`` is set, stops listening, lets queries in flight finish for up to a second, and
-    returns. Without ``stop`` it serves until cancelled.
-
-    Resource handling: every socket, task and upstream connection is closed on return.
-    """
-    if sockets is None:
-        sockets = bind_sockets(config)
-    stats = stats if stats is not None else ServerStats()
-    try:
-        async with open_resolver(config) as resolver, trio.open_nursery() as work:
-            listening = Listening(
-                handler=QueryHandler(resolver, config, stats),
-                nursery=work,
-                limiter=trio.Semaphore(config.max_in_flight),
-                tcp_clients=trio.Semaphore(config.max_tcp_clients),
-                stats=stats,
-                access=AccessList(config.allow),
-                ratelimit=RateLimiter(config.ratelimit) if config.ratelimit else None,
-                tcp_idle_timeout=config.tcp_idle_timeout,
-            )
-            async with trio.open_nursery() as listeners:
-                bound = []
-                for sock in sockets:
-                    udp = sock.type == socket.SOCK_DGRAM
-                    where = await listeners.start(serve_udp if udp else serve_tcp, sock, listening)
-                    bound.append(("udp" if udp else "tcp", where[0], where[1]))
-                _log_startup(config, bound)
-                task_status.started(bound)
-                if stop is None:
-                    await trio.sleep_forever()
-                await stop.wait()
-                listeners.cancel_scope.cancel()
-            # Stopped listening; queries in flight get a grace period. Idle client
-            # connections are cut at its end too, rather than waiting out their idle time.
-            log.info("stopping: finishing queries in flight")
-            work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
-    for transport, address, port in bound:
-        shown = f"[{address}]" if ":" in address else address
-        log.info("listening on %s %s:%d", transport, shown, port)
-    for spec in config.upstreams:
-        log.info("forwarding over TLS to %s", spec.label)
-    log.info("clients allowed from %s", ", ".join(config.allow))
-    if AccessList(config.allow).is_open:
-        log.warning(
-            "the access list admits every address: this is an open resolver, usable by anyone "
-            "who can reach it for floods and amplification"
-        )
-    if config.ratelimit:
-        log.info("rate limit: %g queries/s per /24 (IPv4) or /56 (IPv6)", config.ratelimit)

@@ -1,10 +1,10 @@
-"""One pipelined TLS connection to an upstream, and the race its queries wait in.
+"""One pipelined TLS connection to an upstream.
 
 RFC 7858 §3.4 asks a DoT client to keep connections open and to pipeline queries on them; RFC 7766
 §6.2.1 lets answers come back in any order, matched by ID. One :class:`Connection` is one
 ``trio.SSLStream`` with a reader task, a writer task and a watchdog, all in the upstream's nursery,
-never in the query task that asked for it. A :class:`Race` is where a query's task (and any hedge
-of it) waits for the first answer.
+never in the query task that asked for it. A query's task waits for its answer in a
+:class:`~dot_proxy.upstream.race.Race`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from collections.abc import Callable
 import trio
 
 from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame_with_id
+from dot_proxy.core.message import HEADER_SIZE, answer_matches, message_id
 from dot_proxy.errors import (
+    RaceLost,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
@@ -24,71 +27,17 @@ from dot_proxy.errors import (
     WireError,
     fresh,
 )
-from dot_proxy.streams import BatchWriter, EagerSocketStream
-from dot_proxy.tls import buffered_plaintext, eager_sender, open_tls, quickack_hook
-from dot_proxy.wire import (
-    HEADER_SIZE,
-    NEED_DATA,
-    FrameDecoder,
-    answer_matches,
-    frame_with_id,
-    message_id,
-)
+from dot_proxy.upstream.race import Race
+from dot_proxy.upstream.socket_stream import EagerSocketStream
+from dot_proxy.upstream.tls import open_tls, quickack_hook
+from dot_proxy.upstream.trio_private import buffered_plaintext, eager_sender
+from dot_proxy.upstream.writer import BatchWriter
 
-__all__ = ["Connection", "Race", "RaceLost", "race_lost"]
+__all__ = ["Connection", "race_lost"]
 
 log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 65536
-
-
-class Race:
-    """The attempts at one query, possibly on several upstreams at once (hedging).
-
-    Every attempt's pending entry wakes the race's task when it completes; ``answer`` is set
-    by whichever attempt wins, and the others then give up their queries (abandoned, so the
-    connections stay healthy). A plain query is a race with one runner.
-
-    Several tasks may wait on one race (a query and its hedge); a wake wakes them all, and a
-    wake with nobody waiting lets the next wait return at once. Built on trio's low-level
-    parking rather than an Event per wait: this is on every query's path.
-    """
-
-    __slots__ = ("_waiters", "_woken", "answer")
-
-    def __init__(self) -> None:
-        self._waiters: list[trio.lowlevel.Task] = []
-        self._woken = False
-        self.answer: bytes | None = None
-
-    def wake(self) -> None:
-        """Tell the waiting tasks that something they may care about happened."""
-        waiters = self._waiters
-        if not waiters:
-            self._woken = True
-            return
-        for task in waiters:
-            trio.lowlevel.reschedule(task)
-        waiters.clear()
-
-    async def wait(self) -> None:
-        """Sleep until the next :meth:`wake` (callers re-check their state after it)."""
-        if self._woken:
-            self._woken = False
-            await trio.lowlevel.checkpoint()
-            return
-        task = trio.lowlevel.current_task()
-        self._waiters.append(task)
-
-        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            self._waiters.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-
-class RaceLost(UpstreamError):
-    """Another attempt at the same query answered first; its answer is in ``race.answer``."""
 
 
 def race_lost(spec: UpstreamSpec) -> RaceLost:
