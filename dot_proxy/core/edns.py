@@ -33,6 +33,7 @@ __all__ = [
     "OPTION_PADDING",
     "QUERY_BLOCK",
     "RESPONSE_BLOCK",
+    "option_spans",
     "pad_query",
     "strip_padding",
 ]
@@ -186,12 +187,14 @@ def _layout(message: bytes, records_from: int | None = None) -> RecordsLayout:
     return records_layout(message, offset, ancount, nscount, arcount)
 
 
-def _without_padding(rdata: bytes) -> bytes:
-    """An OPT record's options with every Padding option left out, the rest in order.
+def option_spans(rdata: bytes) -> list[tuple[int, int, int]]:
+    """Each EDNS option of an OPT record's RDATA as ``(code, start, end)``, in order.
 
-    RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
+    RFC 6891 §6.1.2: OPTION-CODE, OPTION-LENGTH, then that many bytes of data.
+
+    Error handling: raises :class:`WireError` (FORMERR) when an option runs past the record.
     """
-    kept: list[bytes] = []
+    spans: list[tuple[int, int, int]] = []
     offset, end = 0, len(rdata)
     while offset < end:
         if offset + _OPTION_HEADER.size > end:
@@ -200,10 +203,23 @@ def _without_padding(rdata: bytes) -> bytes:
         option_end = offset + _OPTION_HEADER.size + length
         if option_end > end:
             raise WireError("EDNS option runs past the OPT record", rcode=Rcode.FORMERR)
-        if code != OPTION_PADDING:
-            kept.append(rdata[offset:option_end])
+        spans.append((code, offset, option_end))
         offset = option_end
-    return b"".join(kept)
+    return spans
+
+
+def _without_padding(rdata: bytes) -> bytes:
+    """An OPT record's options with every Padding option left out, the rest in order.
+
+    RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
+    """
+    if not rdata:
+        return rdata
+    if rdata[:2] == _PADDING_CODE and len(rdata) == 4 + int.from_bytes(rdata[2:4], "big"):
+        return b""  # the usual padded answer: padding is its only option
+    return b"".join(
+        rdata[start:end] for code, start, end in option_spans(rdata) if code != OPTION_PADDING
+    )
 
 
 def _add_to_arcount(message: bytes, delta: int) -> bytes:
