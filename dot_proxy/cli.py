@@ -153,6 +153,28 @@ def _parser() -> argparse.ArgumentParser:
         "throughput on a machine with cores to spare; auto: one per usable core (default: 1)",
     )
     add(
+        "--cache-size",
+        metavar="N",
+        help="answers kept in the cache, least recently used dropped first; 0 turns the "
+        "cache off (default: 10000)",
+    )
+    add(
+        "--cache-min-ttl",
+        metavar="SECONDS",
+        help="keep and serve cached answers at least this long (default: 0)",
+    )
+    add(
+        "--cache-max-ttl",
+        metavar="SECONDS",
+        help="keep and serve cached answers at most this long (default: 86400)",
+    )
+    add(
+        "--serve-stale",
+        metavar="SECONDS",
+        help="keep expired answers this long, to answer with when the upstreams fail "
+        "(RFC 8767; 0: off; default: 86400)",
+    )
+    add(
         "--hedge-after",
         metavar="SECONDS|auto|off",
         help="also ask the next upstream when the first has not answered after this long "
@@ -202,6 +224,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         upstream_policy=value.one("upstream_policy", str.lower, defaults.upstream_policy),
         hedge_after=value.one("hedge_after", _hedge_after, defaults.hedge_after),
         workers=value.one("workers", _workers, defaults.workers),
+        cache_size=value.one("cache_size", int, defaults.cache_size),
+        cache_min_ttl=value.one("cache_min_ttl", int, defaults.cache_min_ttl),
+        cache_max_ttl=value.one("cache_max_ttl", int, defaults.cache_max_ttl),
+        serve_stale=value.one("serve_stale", float, defaults.serve_stale),
     )
 
 

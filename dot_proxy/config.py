@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from dot_proxy.core.access import DEFAULT_ALLOW
+from dot_proxy.core.cache import DEFAULT_CACHE_SIZE
 from dot_proxy.core.pins import PinError, parse_pin
 from dot_proxy.errors import ConfigError
 
@@ -87,6 +88,12 @@ class Config:
     hedge_after: float | None = None
     # Processes serving the same port (SO_REUSEPORT), each the whole proxy with its own pool.
     workers: int = 1
+    # The answer cache: how many answers (0 = off), TTL bounds, and how long an expired
+    # answer is kept to stand in when the upstreams fail (RFC 8767; 0 = never).
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_min_ttl: int = 0
+    cache_max_ttl: int = 86400
+    serve_stale: float = 86400.0
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -103,6 +110,14 @@ class Config:
         _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
         _check_range("--max-tcp-clients", self.max_tcp_clients, 1, 1_000_000)
         _check_range("--workers", self.workers, 1, 256)
+        _check_range("--cache-size", self.cache_size, 0, 10_000_000)
+        # RFC 8767 §4 caps TTLs at 7 days; nothing is kept longer.
+        _check_range("--cache-max-ttl", self.cache_max_ttl, 1, 604_800)
+        _check_range("--cache-min-ttl", self.cache_min_ttl, 0, self.cache_max_ttl)
+        if not 0 <= self.serve_stale <= 604_800:
+            raise ConfigError(
+                f"--serve-stale: {self.serve_stale:g} must be 0 (off) to 604800 seconds (7 days)"
+            )
         if not 0 <= self.ratelimit < float("inf"):
             raise ConfigError(f"--ratelimit: {self.ratelimit} must be 0 (off) or a rate per second")
         for network in self.allow:

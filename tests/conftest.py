@@ -58,10 +58,13 @@ def start_upstream(ca: trustme.CA, nursery: trio.Nursery) -> StartUpstream:
 
 @pytest.fixture
 def start_proxy(ca_file: str, nursery: trio.Nursery) -> StartProxy:
-    """``await start_proxy([upstream, ...], **config_fields)`` → a RunningProxy."""
+    """``await start_proxy([upstream, ...], **config_fields)`` → a RunningProxy (no cache)."""
 
     async def start(upstreams: list[FakeUpstream], **options: Any) -> RunningProxy:
         options.setdefault("ca_file", ca_file)
+        # These tests count what reaches the fake upstreams: the cache stays off unless a test
+        # turns it on (tests/test_cache_server.py does; the end-to-end tests run the default).
+        options.setdefault("cache_size", 0)
         config = Config(
             upstreams=tuple(parse_upstream(u.spec) for u in upstreams),
             listen=("127.0.0.1",),

@@ -29,7 +29,7 @@ import trio
 import trio.testing
 import trustme
 
-import dot_proxy.serve.server
+import dot_proxy.resolver
 from dot_proxy.config import Config
 from dot_proxy.core.message import message_id
 from dot_proxy.upstream.group import UpstreamGroup
@@ -68,7 +68,7 @@ def clock() -> trio.testing.MockClock:
 def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
     """The resolver of every proxy this test starts (the proxy does not expose it)."""
     caught: list[UpstreamGroup] = []
-    original = dot_proxy.serve.server.open_upstream_group
+    original = dot_proxy.resolver.open_upstream_group
 
     @asynccontextmanager
     async def catching(config: Config) -> AsyncIterator[UpstreamGroup]:
@@ -76,7 +76,7 @@ def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
             caught.append(resolver)
             yield resolver
 
-    monkeypatch.setattr(dot_proxy.serve.server, "open_upstream_group", catching)
+    monkeypatch.setattr(dot_proxy.resolver, "open_upstream_group", catching)
     return caught
 
 

@@ -24,7 +24,7 @@ import trio
 import trio.testing
 import trustme
 
-import dot_proxy.serve.server
+import dot_proxy.resolver
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.health import TIMEOUTS_TO_DOWN
 from dot_proxy.upstream.group import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL, UpstreamGroup
@@ -60,7 +60,7 @@ def clock() -> trio.testing.MockClock:
 def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
     """The resolver of every proxy this test starts, in order."""
     caught: list[UpstreamGroup] = []
-    original = dot_proxy.serve.server.open_upstream_group  # type: ignore[attr-defined]
+    original = dot_proxy.resolver.open_upstream_group  # type: ignore[attr-defined]
 
     @asynccontextmanager
     async def catching(config: Config) -> AsyncIterator[UpstreamGroup]:
@@ -68,7 +68,7 @@ def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
             caught.append(resolver)
             yield resolver
 
-    monkeypatch.setattr(dot_proxy.serve.server, "open_upstream_group", catching)
+    monkeypatch.setattr(dot_proxy.resolver, "open_upstream_group", catching)
     return caught
 
 

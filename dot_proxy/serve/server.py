@@ -16,11 +16,11 @@ import trio
 from dot_proxy.config import Config
 from dot_proxy.core.access import AccessList, RateLimiter
 from dot_proxy.handler import QueryHandler, ServerStats
+from dot_proxy.resolver import open_resolver
 from dot_proxy.serve.listening import Listening
 from dot_proxy.serve.sockets import bind_sockets
 from dot_proxy.serve.tcp import serve_tcp
 from dot_proxy.serve.udp import serve_udp
-from dot_proxy.upstream.group import open_upstream_group
 
 __all__ = ["serve"]
 
@@ -49,7 +49,7 @@ async def serve(
         sockets = bind_sockets(config)
     stats = stats if stats is not None else ServerStats()
     try:
-        async with open_upstream_group(config) as resolver, trio.open_nursery() as work:
+        async with open_resolver(config) as resolver, trio.open_nursery() as work:
             listening = Listening(
                 handler=QueryHandler(resolver, config, stats),
                 nursery=work,

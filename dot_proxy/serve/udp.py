@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import trio
 
+from dot_proxy.core.message import Query
 from dot_proxy.handler import ServerStats
 from dot_proxy.serve.listening import Listening, refusal
 
@@ -35,17 +36,19 @@ async def serve_udp(
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Receive datagrams forever, answering each in its own task.
+    """Receive datagrams forever, answering each at once (cached, malformed) or in a task.
 
     A source outside the access list gets REFUSED; one over its rate limit, or arriving when
-    ``--max-in-flight`` queries are being resolved, is dropped (the client retries): nothing
-    queues without bound.
+    ``--max-in-flight`` queries are being resolved, is dropped (the client retries), a cached
+    answer included: nothing queues without bound.
     """
     sock.setblocking(False)
     stats, limiter, access = listening.stats, listening.limiter, listening.access
+    handler = listening.handler
     task_status.started(sock.getsockname()[:2])
     while True:
         await trio.lowlevel.wait_readable(sock)
+        now = trio.current_time()  # one clock read per burst: the cache's TTLs are whole seconds
         for _ in range(BURST):
             try:
                 data, address = sock.recvfrom(MAX_DATAGRAM)
@@ -62,12 +65,19 @@ async def serve_udp(
                 continue
             if not listening.admits(address[0]):
                 continue
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
+            if not limiter.value:
                 stats.dropped_busy += 1
                 continue
-            listening.nursery.start_soon(_answer_datagram, sock, listening, data, address)
+            outcome = handler.answer_at_once(data, now, udp=True)
+            if outcome is None:
+                continue
+            if isinstance(outcome, bytes):
+                _send_datagram(sock, outcome, address, stats)
+                continue
+            # Taken before the task is spawned (trio #527), released when it ends; free, as
+            # nothing awaited since the check above.
+            limiter.acquire_nowait()
+            listening.nursery.start_soon(_answer_datagram, sock, listening, data, outcome, address)
 
 
 def _send_datagram(
@@ -84,11 +94,14 @@ def _send_datagram(
 
 
 async def _answer_datagram(
-    sock: socket.socket, listening: Listening, data: bytes, address: tuple[object, ...]
+    sock: socket.socket,
+    listening: Listening,
+    data: bytes,
+    query: Query,
+    address: tuple[object, ...],
 ) -> None:
     try:
-        reply = await listening.handler.answer(data, udp=True)
-        if reply is not None:
-            _send_datagram(sock, reply, address, listening.stats)
+        reply = await listening.handler.answer(data, query, udp=True)
+        _send_datagram(sock, reply, address, listening.stats)
     finally:
         listening.limiter.release()
