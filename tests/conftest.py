@@ -13,6 +13,7 @@ import trustme
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.handler import ServerStats
 from dot_proxy.serve.server import serve
+from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
 from tests.fakes import Behaviour, FakeUpstream, answer_all
 
 
@@ -30,12 +31,14 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @dataclass
 class RunningProxy:
-    """A proxy serving UDP and TCP on 127.0.0.1:port in the test's nursery."""
+    """A proxy serving UDP and TCP on 127.0.0.1:port in the test's nursery; ``resolver`` is
+    the upstream group it asks, for a test to look at its health records."""
 
     port: int
     config: Config
     stats: ServerStats
     stop: trio.Event
+    resolver: UpstreamGroup
 
 
 StartUpstream = Callable[..., Awaitable[FakeUpstream]]
@@ -58,7 +61,11 @@ def start_upstream(ca: trustme.CA, nursery: trio.Nursery) -> StartUpstream:
 
 @pytest.fixture
 def start_proxy(ca_file: str, nursery: trio.Nursery) -> StartProxy:
-    """``await start_proxy([upstream, ...], **config_fields)`` → a RunningProxy."""
+    """``await start_proxy([upstream, ...], **config_fields)`` → a RunningProxy.
+
+    The fixture opens the upstream group and hands it to ``serve`` (its ``resolver=`` seam), so
+    a test can reach it; ``serve`` opening its own is what tests/test_server_lifecycle.py runs.
+    """
 
     async def start(upstreams: list[FakeUpstream], **options: Any) -> RunningProxy:
         options.setdefault("ca_file", ca_file)
@@ -70,11 +77,16 @@ def start_proxy(ca_file: str, nursery: trio.Nursery) -> StartProxy:
         )
         stats = ServerStats()
         stop = trio.Event()
+        opened: list[UpstreamGroup] = []
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(config, stop=stop, stats=stats, task_status=task_status)
+            async with open_upstream_group(config) as resolver:
+                opened.append(resolver)
+                await serve(
+                    config, stop=stop, stats=stats, resolver=resolver, task_status=task_status
+                )
 
         bound = await nursery.start(run)
-        return RunningProxy(bound[0][2], config, stats, stop)
+        return RunningProxy(bound[0][2], config, stats, stop, opened[0])
 
     return start

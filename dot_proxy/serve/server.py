@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 import trio
 
@@ -20,7 +21,7 @@ from dot_proxy.serve.listening import Listening
 from dot_proxy.serve.sockets import bind_sockets
 from dot_proxy.serve.tcp import serve_tcp
 from dot_proxy.serve.udp import serve_udp
-from dot_proxy.upstream.group import open_upstream_group
+from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
 
 __all__ = ["serve"]
 
@@ -35,23 +36,30 @@ async def serve(
     sockets: Sequence[socket.socket] | None = None,
     stop: trio.Event | None = None,
     stats: ServerStats | None = None,
+    resolver: UpstreamGroup | None = None,
     task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve DNS on ``sockets`` (bound from ``config`` if not given) until ``stop`` is set.
 
     Reports the bound ``(transport, address, port)`` triples through ``task_status``. When
     ``stop`` is set, stops listening, lets queries in flight finish for up to a second, and
-    returns. Without ``stop`` it serves until cancelled.
+    returns. Without ``stop`` it serves until cancelled. Queries go to ``resolver``, already
+    open, when given (a test or an embedding program that wants to look at it, or to put
+    something of its own there); otherwise ``serve`` opens the upstreams ``config`` names.
 
-    Resource handling: every socket, task and upstream connection is closed on return.
+    Resource handling: every socket and task is closed on return, and so is every upstream
+    connection of a resolver ``serve`` opened; a resolver passed in stays open, its owner's.
     """
     if sockets is None:
         sockets = bind_sockets(config)
     stats = stats if stats is not None else ServerStats()
+    upstreams: AbstractAsyncContextManager[UpstreamGroup] = (
+        open_upstream_group(config) if resolver is None else nullcontext(resolver)
+    )
     try:
-        async with open_upstream_group(config) as resolver, trio.open_nursery() as work:
+        async with upstreams as group, trio.open_nursery() as work:
             listening = Listening(
-                handler=QueryHandler(resolver, config, stats),
+                handler=QueryHandler(group, config, stats),
                 nursery=work,
                 limiter=trio.Semaphore(config.max_in_flight),
                 tcp_clients=trio.Semaphore(config.max_tcp_clients),
