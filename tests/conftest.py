@@ -1,4 +1,12 @@
-"""Fixtures shared by the in-process tests: a trustme CA, fake upstreams, a proxy on port 0."""
+"""Fixtures shared by the in-process tests: a trustme CA, fake upstreams, a proxy on port 0,
+virtual time (``clock``) and a guard against a test that would hang (``hang_guard``).
+
+Both of the last two are opt-in, by naming them as a test's argument. pytest-trio runs a test
+on a ``trio.abc.Clock`` only when one is among the test's own arguments (a clock that is merely
+a fixture's dependency, or in ``usefixtures``, is not used), so a test that does not name
+``clock`` runs on real time, as subprocess and end-to-end tests must: a MockClock cannot time
+a process it does not schedule. tests/test_fixtures.py checks that this still holds.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from dot_proxy.config import Config, parse_upstream
@@ -15,6 +24,36 @@ from dot_proxy.handler import ServerStats
 from dot_proxy.serve.server import serve
 from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
 from tests.fakes import Behaviour, FakeUpstream, answer_all
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time for tests over loopback sockets: take ``clock: trio.testing.MockClock``.
+
+    Like pytest-trio's ``autojump_clock``, but the clock jumps to the next deadline only after
+    every task has been blocked for 10 ms of real time, not at once: on a busy machine bytes
+    written to loopback can take a moment to become readable, and a clock that jumps in that
+    moment would fire timeouts no real upstream caused. Virtual time still never moves while a
+    task runs, so timings measured with ``trio.current_time()`` stay exact.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+@pytest.fixture
+async def hang_guard(nursery: trio.Nursery) -> None:
+    """Fail a test that would wait forever (for a reply that never comes) instead of hanging
+    the run: after 60 s of real time, or 1,000 s of virtual time under a MockClock (which
+    jumps there at once when nothing else is due). A test takes it as an argument,
+    ``hang_guard: None`` (pytest-trio runs only the trio fixtures that are the test's
+    arguments or their dependencies, not ``usefixtures`` ones)."""
+    virtual = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+    limit = 1000.0 if virtual else 60.0
+
+    async def guard() -> None:
+        await trio.sleep(limit)
+        raise AssertionError(f"the test was still waiting after {limit:g} s: it hung")
+
+    nursery.start_soon(guard)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Pure tests of :class:`AccessList` and :class:`RateLimiter` (no event loop; the rate limiter's
 clock is a number passed in), then the same policy through the whole proxy on loopback under
-virtual time (:func:`tests.fakes.patient_clock`), then the command line as a subprocess.
+virtual time (the ``clock`` fixture of tests/conftest.py), then the command line as a subprocess.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import dot_proxy.core.access
 from dot_proxy.core.access import DEFAULT_ALLOW, AccessList, RateLimiter, client_network
 from tests.clients import TcpClient, query, receive_until_closed, udp_send
 from tests.conftest import StartProxy, StartUpstream
-from tests.fakes import patient_clock
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds a broken subprocess run only; a healthy one takes a fraction of a second.
@@ -42,11 +41,6 @@ HANG_GUARD = 60.0
 TIMEOUT = 5.0  # the proxy's deadline
 # Bounds the wait for an answer from the subprocess proxy (well past its 5 s deadline).
 ANSWER_GUARD = 15.0
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 # --- AccessList, pure ----------------------------------------------------------------------------

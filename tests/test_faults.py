@@ -8,7 +8,7 @@ proxy to return to the steady state it started in, and compares counts: upstream
 (``Upstream.connections``, through the proxy's ``resolver``), trio tasks in the whole task
 tree (the fake's included, so a connection the proxy forgot to close shows up as the fake's
 handler still running), and this process's open file descriptors. The proxy and the fake run
-in this process, on loopback, under :func:`tests.fakes.patient_clock`.
+in this process, on loopback, under virtual time (``clock``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from tests.fakes import (
     close_mid_frame,
     garbage_after,
     hang,
-    patient_clock,
 )
 
 TIMEOUT = 5.0  # the client's deadline (the proxy's default)
@@ -55,11 +54,6 @@ AT_ONCE = 0.25
 UPSTREAM_IDLE = 2.0
 GOOD = "192.0.2.1"  # what answer_for answers
 LATE = "198.51.100.99"
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 # --- the faulty upstream -------------------------------------------------------------------------

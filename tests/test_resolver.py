@@ -1,7 +1,7 @@
 """Several upstreams through the whole proxy: failover, health, probes, policies, hedging.
 
 Every test runs the proxy in-process with two or three fake DoT upstreams on loopback and asks
-it over UDP, on virtual time (:func:`tests.fakes.patient_clock`), so timings are exact to the
+it over UDP, on virtual time (the ``clock`` fixture), so timings are exact to the
 scheduler and nothing waits on the wall clock. Each fake answers with its own address, so the
 answer says which upstream gave it. ``proxy.resolver`` is the upstream group the test's proxy
 asks (``start_proxy`` hands it to ``serve``), to look at its health records.
@@ -38,7 +38,6 @@ from tests.fakes import (
     answer_for,
     answering,
     hang,
-    patient_clock,
 )
 
 A, B, C = "192.0.2.1", "192.0.2.2", "192.0.2.3"
@@ -47,11 +46,6 @@ TIMEOUT = Config(upstreams=(parse_upstream("127.0.0.1#dns.test"),)).timeout  # t
 # so anything that needs none takes (virtually) no time; 0.05 s leaves room for a clock jump
 # or two of the hedger's 20 ms tick on a busy machine.
 AT_ONCE = 0.05
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 # --- fakes ---------------------------------------------------------------------------------------

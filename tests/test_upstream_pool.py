@@ -2,7 +2,7 @@
 
 These drive :class:`dot_proxy.upstream.Upstream` directly against the trustme fake upstream, and go
 through the whole proxy where the client's view is the point (IDs restored). All run on virtual
-time (:func:`tests.fakes.patient_clock`), so nothing waits on the wall clock.
+time (the ``clock`` fixture), so nothing waits on the wall clock.
 """
 
 from __future__ import annotations
@@ -32,15 +32,9 @@ from tests.fakes import (
     ask,
     eventually,
     open_pool,
-    patient_clock,
     record_tls_writes,
     spoiled_first,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 def name(index: int) -> str:
