@@ -21,16 +21,12 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from inprocess import run_under_dnsperf
 
-from inprocess import run_under_dnsperf  # noqa: E402
-
-from dot_proxy import cli  # noqa: E402
-from dot_proxy.testing import realdns  # noqa: E402
+from dot_proxy import cli
+from dot_proxy.testing import realdns
 
 
 class PassTimer:

@@ -125,8 +125,7 @@ class _TimedSocket:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))  # dot_proxy.testing.realdns from this checkout
-    sys.path.insert(0, str(args.source))  # dot_proxy from the one measured
+    sys.path.insert(0, str(args.source))  # dot_proxy (and its testing helpers) from that one
     # Imported here, after the path is set, so that --source decides which dot_proxy runs.
     import trio  # noqa: PLC0415
     from inprocess import run_under_dnsperf  # noqa: PLC0415

@@ -34,12 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import trio
 
-import trio  # noqa: E402
-
-from dot_proxy.testing import realdns  # noqa: E402
+from dot_proxy.testing import realdns
 
 SHAPES = ("bare", "task", "scope", "handoff")
 BURST = 64
