@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = (
     "dot-proxy",
     "dot-proxy-no-padding",
-    "dot-proxy-no-reuse",
     "dot-proxy-workers-2",
     "stubby",
     "dnsdist",
@@ -54,7 +53,6 @@ SYSTEMS = (
 )
 # dot-proxy variants: what each adds to its command line.
 VARIANT_FLAGS = {
-    "dot-proxy-no-reuse": ["--no-reuse"],
     "dot-proxy-no-padding": ["--no-padding"],
     # Two processes on one port (SO_REUSEPORT); CPU and RSS are summed over the workers.
     "dot-proxy-workers-2": ["--workers", "2"],

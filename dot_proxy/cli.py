@@ -37,15 +37,15 @@ log = logging.getLogger("dot_proxy")
 EXIT_USAGE = 2
 ENV_PREFIX = "DOT_PROXY_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# The cyclic collector's thresholds: a pass over the youngest generation once 10,000 tracked
-# objects (net) were allocated, instead of CPython's 700. A burst of queries in flight holds a
-# few thousand (tasks, coroutines, cancel scopes), so at 700 every burst set off a pass over
-# them all, though reference counting freed nearly all of them moments later: under dnsperf's
-# maximum load ~3,000 passes in 10 s, 5% of the process's time (bench/gc_passes.py). The query
-# path makes no reference cycles (tests/test_no_cycles.py), so the bigger generation holds what
-# lives anyway. The older generations' thresholds (2, 2) keep a full pass about as many
-# allocations apart as CPython's defaults do (90,000 against 85,000): what the failure paths
-# leave in cycles (a closed TLS stream is one, inside trio) is still collected as often.
+# The cyclic collector's thresholds: a pass over the youngest generation once 10,000 tracked objects
+# (net) were allocated, instead of CPython's 700. A burst of queries in flight holds a few thousand
+# (tasks, coroutines, cancel scopes), so at 700 every burst set off a pass over them all, though
+# reference counting freed nearly all of them moments later: under dnsperf's maximum load ~3,000
+# passes in 10 s, 5% of the process's time (bench/investigations/gc_passes.py). The query path makes
+# no reference cycles (tests/test_no_cycles.py), so the bigger generation holds what lives anyway.
+# The older generations' thresholds (2, 2) keep a full pass about as many allocations apart as
+# CPython's defaults do (90,000 against 85,000): what the failure paths leave in cycles (a closed
+# TLS stream is one, inside trio) is still collected as often.
 GC_THRESHOLDS = (10_000, 2, 2)
 T = TypeVar("T")
 
@@ -103,13 +103,6 @@ def _parser() -> argparse.ArgumentParser:
         "--max-in-flight",
         metavar="N",
         help="queries being resolved at once, all clients (default: 2000)",
-    )
-    add(
-        "--no-reuse",
-        action="store_const",
-        const="true",
-        default=None,
-        help="open a new TLS connection for every query (slow; for comparison only)",
     )
     add(
         "--allow",
@@ -187,7 +180,6 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         timeout=value.one("timeout", float, defaults.timeout),
         log_level=log_level,
         tcp_idle_timeout=value.one("tcp_idle_timeout", float, defaults.tcp_idle_timeout),
-        reuse=not value.one("no_reuse", _boolean, False),
         padding=not value.one("no_padding", _boolean, False),
         allow=tuple(value.many("allow", list(defaults.allow))),
         max_tcp_clients=value.one("max_tcp_clients", int, defaults.max_tcp_clients),

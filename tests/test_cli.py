@@ -92,11 +92,11 @@ def test_ca_file_from_flag_or_environment(ca_file: str, tmp_path: Path) -> None:
     )
 
 
-def test_no_reuse_from_flag_or_environment() -> None:
-    assert build_config(["--no-reuse"], {}).reuse is False
-    assert build_config([], {"DOT_PROXY_NO_REUSE": "true"}).reuse is False
-    assert build_config([], {"DOT_PROXY_NO_REUSE": "0"}).reuse is True
-    assert build_config(["--no-reuse"], {"DOT_PROXY_NO_REUSE": "false"}).reuse is False
+def test_no_padding_from_flag_or_environment() -> None:
+    assert build_config(["--no-padding"], {}).padding is False
+    assert build_config([], {"DOT_PROXY_NO_PADDING": "true"}).padding is False
+    assert build_config([], {"DOT_PROXY_NO_PADDING": "0"}).padding is True
+    assert build_config(["--no-padding"], {"DOT_PROXY_NO_PADDING": "false"}).padding is False
 
 
 def test_repeatable_flags_keep_their_order() -> None:

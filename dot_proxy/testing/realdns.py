@@ -692,7 +692,7 @@ class DotProxy(_Forwarder):
     """``python -m dot_proxy`` listening on a runtime port of 127.0.0.1.
 
     ``upstreams`` are ``HOST[:PORT][#AUTH_NAME]`` strings (``Unbound.upstream_spec``), passed
-    as repeated ``--upstream`` flags in order; ``extra_args`` go last (e.g. ``--no-reuse``).
+    as repeated ``--upstream`` flags in order; ``extra_args`` go last (e.g. ``--no-padding``).
     """
 
     name = "dot-proxy"
