@@ -37,15 +37,20 @@ log = logging.getLogger("dot_proxy")
 EXIT_USAGE = 2
 ENV_PREFIX = "DOT_PROXY_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# The cyclic collector's thresholds: a pass over the youngest generation once 10,000 tracked
-# objects (net) were allocated, instead of CPython's 700. A burst of queries in flight holds a
-# few thousand (tasks, coroutines, cancel scopes), so at 700 every burst set off a pass over
-# them all, though reference counting freed nearly all of them moments later: under dnsperf's
-# maximum load ~3,000 passes in 10 s, 5% of the process's time (bench/gc_passes.py). The query
-# path makes no reference cycles (tests/test_no_cycles.py), so the bigger generation holds what
-# lives anyway. The older generations' thresholds (2, 2) keep a full pass about as many
-# allocations apart as CPython's defaults do (90,000 against 85,000): what the failure paths
-# leave in cycles (a closed TLS stream is one, inside trio) is still collected as often.
+# The cyclic collector's thresholds (set in main, with gc.freeze). A burst of queries in flight
+# holds a few thousand tracked objects (tasks, coroutines, cancel scopes) that reference counting
+# frees moments later; at CPython's 700 every burst set off a young pass over them all. At
+# 10,000 the youngest generation holds what is alive anyway (docs/performance.md has the
+# figures). The older generations' (2, 2) put a full pass about as many allocations apart as
+# CPython's defaults do, so what the failure paths leave in cycles (one per closed TLS stream,
+# inside trio) is collected as often as it would be without this.
+#
+# This relies on the query path making no reference cycles: a cycle per query would wait for
+# a full pass, tens of thousands of allocations later, and memory would grow with the load. The
+# easiest one to make: an exception kept to be raised later (a connection's, a race's) and then
+# raised in many tasks, each raise adding a frame that holds it to its traceback. So every kept
+# exception is stored and raised through errors.fresh (a copy without traceback), and
+# tests/test_no_cycles.py checks that answering and failing queries leave no cycle of ours.
 GC_THRESHOLDS = (10_000, 2, 2)
 T = TypeVar("T")
 
@@ -103,13 +108,6 @@ def _parser() -> argparse.ArgumentParser:
         "--max-in-flight",
         metavar="N",
         help="queries being resolved at once, all clients (default: 2000)",
-    )
-    add(
-        "--no-reuse",
-        action="store_const",
-        const="true",
-        default=None,
-        help="open a new TLS connection for every query (slow; for comparison only)",
     )
     add(
         "--allow",
@@ -209,7 +207,6 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         timeout=value.one("timeout", float, defaults.timeout),
         log_level=log_level,
         tcp_idle_timeout=value.one("tcp_idle_timeout", float, defaults.tcp_idle_timeout),
-        reuse=not value.one("no_reuse", _boolean, False),
         padding=not value.one("no_padding", _boolean, False),
         allow=tuple(value.many("allow", list(defaults.allow))),
         max_tcp_clients=value.one("max_tcp_clients", int, defaults.max_tcp_clients),
@@ -388,9 +385,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"dot-proxy: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     # What exists now (modules, config, sockets) lives as long as the process: keep it out of
-    # the cyclic collector's full passes. They scanned all of it each time failing upstreams
-    # left a few thousand exception cycles behind: 30-70 ms pauses in the soak, enough for
-    # the UDP socket to overflow. Before forking, it also keeps workers' pages shared.
+    # the cyclic collector's full passes, so that a full pass scans only what serving made and
+    # stays short (a long one stops the serve loops while datagrams pile up in the kernel).
+    # Before forking, it also keeps the workers' pages shared.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     if len(socket_sets) == 1:

@@ -70,7 +70,6 @@ class Config:
     log_level: str = "INFO"
     tcp_idle_timeout: float = 10.0
     # Pool of upstream connections (RFC 7858 §3.4: reuse and pipeline).
-    reuse: bool = True
     max_connections: int = 4
     max_pipeline: int = 128
     upstream_idle_timeout: float = 10.0

@@ -24,20 +24,11 @@ from tests.fakes import (
     UpstreamConnection,
     answer_for,
     answering,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
-    patient_clock,
     txt_answer_for,
 )
 
 TTL = 300
 EXCHANGES = [pytest.param(udp_exchange, id="udp"), pytest.param(tcp_exchange, id="tcp")]
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only once every task has waited 10 ms of real time (see
-    :func:`tests.fakes.patient_clock`): loopback bytes in flight never count as idle."""
-    return patient_clock()
 
 
 @dataclass

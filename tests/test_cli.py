@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +20,7 @@ from dot_proxy.cli import build_config
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve import sockets
-
-ROOT = Path(__file__).resolve().parent.parent
-# Bounds a broken run only; a healthy one takes a fraction of a second. Not a speed assertion.
-HANG_GUARD = 60.0
-
+from tests.processes import HANG_GUARD, Proxy, run_dot_proxy
 
 # --- build_config ------------------------------------------------------------------------------
 
@@ -45,7 +37,6 @@ def test_defaults() -> None:
     assert config.timeout == 5.0
     assert config.log_level == "INFO"
     assert config.tcp_idle_timeout == 10.0
-    assert config.reuse is True
 
 
 FLAG_ENV_DEFAULT = [
@@ -92,11 +83,11 @@ def test_ca_file_from_flag_or_environment(ca_file: str, tmp_path: Path) -> None:
     )
 
 
-def test_no_reuse_from_flag_or_environment() -> None:
-    assert build_config(["--no-reuse"], {}).reuse is False
-    assert build_config([], {"DOT_PROXY_NO_REUSE": "true"}).reuse is False
-    assert build_config([], {"DOT_PROXY_NO_REUSE": "0"}).reuse is True
-    assert build_config(["--no-reuse"], {"DOT_PROXY_NO_REUSE": "false"}).reuse is False
+def test_no_padding_from_flag_or_environment() -> None:
+    assert build_config(["--no-padding"], {}).padding is False
+    assert build_config([], {"DOT_PROXY_NO_PADDING": "true"}).padding is False
+    assert build_config([], {"DOT_PROXY_NO_PADDING": "0"}).padding is True
+    assert build_config(["--no-padding"], {"DOT_PROXY_NO_PADDING": "false"}).padding is False
 
 
 def test_repeatable_flags_keep_their_order() -> None:
@@ -258,25 +249,6 @@ def test_config_validates_when_built_directly() -> None:
 # --- as a subprocess ----------------------------------------------------------------------------
 
 
-def _environment(**variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOT_PROXY_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(variables)
-    return env
-
-
-def _run(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dot_proxy", *args],
-        cwd=ROOT,
-        env=_environment(**variables),
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-        check=False,
-    )
-
-
 def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -302,7 +274,7 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: s
 def test_bad_value_exits_2_with_one_line(
     args: list[str], variables: dict[str, str], needle: str
 ) -> None:
-    _assert_one_line_error(_run(*args, **variables), needle)
+    _assert_one_line_error(run_dot_proxy(*args, **variables), needle)
 
 
 @pytest.fixture
@@ -321,13 +293,13 @@ def occupied_port() -> Iterator[int]:
 
 
 def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:
-    result = _run("--listen", "127.0.0.1", "--port", str(occupied_port))
+    result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(occupied_port))
     _assert_one_line_error(result, "already in use", str(occupied_port))
 
 
 def test_workers_on_a_port_in_use_exit_2_with_one_line(occupied_port: int) -> None:
     # Another program's sockets have no SO_REUSEPORT: the workers cannot share its port.
-    result = _run("--listen", "127.0.0.1", "--port", str(occupied_port), "--workers", "2")
+    result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(occupied_port), "--workers", "2")
     _assert_one_line_error(result, "already in use", str(occupied_port))
 
 
@@ -335,59 +307,8 @@ def test_udp_port_in_use_exits_2_with_one_line() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
         port = udp.getsockname()[1]
-        result = _run("--listen", "127.0.0.1", "--port", str(port))
+        result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(port))
     _assert_one_line_error(result, "already in use")
-
-
-class Proxy:
-    """``python -m dot_proxy`` as a subprocess, its stderr read line by line in a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dot_proxy", *args],
-            cwd=ROOT,
-            env=_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for_port(self) -> int:
-        """The UDP port, read from the 'listening on' startup line."""
-        while True:
-            line = self.lines.get(timeout=HANG_GUARD)
-            assert line is not None, "exited before listening:\n" + "".join(self.stderr)
-            self.stderr.append(line)
-            found = re.search(r"listening on udp 127\.0\.0\.1:(\d+)", line)
-            if found:
-                return int(found.group(1))
-
-    def finish(self) -> int:
-        code = self.process.wait(timeout=HANG_GUARD)
-        self._reader.join(timeout=HANG_GUARD)
-        while not self.lines.empty():
-            line = self.lines.get()
-            if line is not None:
-                self.stderr.append(line)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 def udp_servfail(port: int) -> None:

@@ -26,7 +26,6 @@ from tests.fakes import (
     FakeUpstream,
     answer_anything,
     answering,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
 )
 
 QR = 0x8000

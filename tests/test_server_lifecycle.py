@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any
 
 import dns.message
@@ -14,6 +15,7 @@ import trio.testing
 
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.handler import ServerStats
+from dot_proxy.resolver import open_resolver
 from dot_proxy.serve.server import serve
 from dot_proxy.serve.sockets import UDP_RECEIVE_BUFFER, bind_sockets
 from tests.clients import TcpClient, query, receive_until_closed, udp_exchange, udp_send
@@ -22,17 +24,7 @@ from tests.fakes import (
     FakeUpstream,
     answer_after,
     hang,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
-    patient_clock,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only once every task has waited 10 ms of real time (see
-    :func:`tests.fakes.patient_clock`): loopback bytes in flight never count as idle."""
-    return patient_clock()
-
 
 GRACE = 1.0
 
@@ -144,6 +136,27 @@ async def test_no_new_clients_after_stop(
         served.stop.set()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", served.port)
+
+
+async def test_a_resolver_passed_in_stays_open_after_serve_returns(
+    hang_guard: None, start_upstream: StartUpstream, ca_file: str
+) -> None:
+    upstream = await start_upstream()
+    config = Config(
+        upstreams=(parse_upstream(upstream.spec),), listen=("127.0.0.1",), port=0, ca_file=ca_file
+    )
+    async with open_resolver(config) as resolver:
+        for round_ in range(2):
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(partial(serve, config, stop=stop, resolver=resolver))
+                request = query(f"round{round_}.example.", "A")
+                answer = dns.message.from_wire(await udp_exchange(bound[0][2], request.to_wire()))
+                assert answer.rcode() == dns.rcode.NOERROR
+                stop.set()
+    # Both servers asked through the one pooled connection: the first serve left it open.
+    assert upstream.handshakes == 1
+    assert len(upstream.queries) == 2
 
 
 async def test_in_flight_limit_drops_the_query_over_it(

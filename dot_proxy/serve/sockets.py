@@ -16,11 +16,11 @@ __all__ = ["UDP_RECEIVE_BUFFER", "bind_sockets", "bind_worker_sockets"]
 log = logging.getLogger(__name__)
 
 TCP_BACKLOG = 1024
-# The UDP receive buffer asked for. The kernel default (208 KiB) holds ~270 small queries: a
-# client that had a thousand queries answered at once (an upstream came back) and sends the
-# next thousand as fast overflowed it in the soak. NSD asks for 1 MiB, unbound's so-rcvbuf is
-# commonly set to 4-8 MiB; SO_RCVBUFFORCE gets it past net.core.rmem_max where we may (root),
-# elsewhere the kernel grants up to rmem_max.
+# The UDP receive buffer asked for. The kernel's default (208 KiB) holds ~270 small queries,
+# and a client may send far more at once: one that had a thousand queries answered together
+# (an upstream came back) sends its next thousand as fast. NSD asks for 1 MiB, unbound's
+# so-rcvbuf is commonly set to 4-8 MiB; SO_RCVBUFFORCE gets it past net.core.rmem_max where we
+# may (root), elsewhere the kernel grants up to rmem_max.
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 

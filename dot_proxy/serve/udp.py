@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
 # Datagrams taken per wake-up at most, so one flooded socket cannot starve the rest. About
-# what the kernel's default receive buffer (208 KiB) holds of small queries: a round that
-# runs long (a burst of answers, a collector pause) must not leave the socket to overflow
-# because each wake-up took a fraction of what was waiting.
+# what a receive buffer of the kernel's default size (208 KiB: all an unprivileged proxy gets
+# where net.core.rmem_max is unchanged) holds of small queries: a round that runs long (a
+# burst of answers, a collector pause) must not leave the socket to overflow because each
+# wake-up took a fraction of what was waiting.
 BURST = 256
 
 

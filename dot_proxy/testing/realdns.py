@@ -692,7 +692,7 @@ class DotProxy(_Forwarder):
     """``python -m dot_proxy`` listening on a runtime port of 127.0.0.1.
 
     ``upstreams`` are ``HOST[:PORT][#AUTH_NAME]`` strings (``Unbound.upstream_spec``), passed
-    as repeated ``--upstream`` flags in order; ``extra_args`` go last (e.g. ``--no-reuse``).
+    as repeated ``--upstream`` flags in order; ``extra_args`` go last (e.g. ``--no-padding``).
     """
 
     name = "dot-proxy"
@@ -723,15 +723,23 @@ class DotProxy(_Forwarder):
         return [*argv, "--ca-file", str(self.pki.ca_file), *self.extra_args]
 
     def _environment(self) -> dict[str, str] | None:
-        # The child runs in its temp dir, where ``-m dot_proxy`` would find nothing unless the
-        # package is installed: point it at the copy this process would import, so a test
-        # run from a checkout exercises that checkout.
-        env = {**os.environ, **(self.env or {})}
-        spec = importlib.util.find_spec("dot_proxy")
-        if spec is not None and spec.submodule_search_locations:
-            source = str(Path(next(iter(spec.submodule_search_locations))).parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
-        return env
+        return dot_proxy_environment(self.env)
+
+
+def dot_proxy_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``python -m dot_proxy`` child: this one, plus ``extra``, with
+    ``PYTHONPATH`` leading to the dot_proxy this process imports.
+
+    The child runs in its temp dir, where ``-m dot_proxy`` would find nothing unless the
+    package is installed: point it at the copy this process would import, so a test run from a
+    checkout exercises that checkout, and a benchmark the copy it reports.
+    """
+    env = {**os.environ, **(extra or {})}
+    spec = importlib.util.find_spec("dot_proxy")
+    if spec is not None and spec.submodule_search_locations:
+        source = str(Path(next(iter(spec.submodule_search_locations))).parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    return env
 
 
 # --- dnsperf -----------------------------------------------------------------------------------

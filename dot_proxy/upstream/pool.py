@@ -46,7 +46,6 @@ class Upstream:
         self._connections: list[Connection] = []
         # Queries waiting for a free slot, in arrival order (a dict as an ordered set).
         self._room_waiters: dict[Race, None] = {}
-        self._reuse = config.reuse
         self._max_connections = config.max_connections
 
     @property
@@ -61,8 +60,6 @@ class Upstream:
         another attempt in ``race`` won). A connection that dies with the query in flight
         costs one retry on another connection (RFC 7858 §3.4).
         """
-        if not self._reuse:
-            return await self._query_on_own_connection(message, key, race)
         connections = self._connections
         if connections and connections[0].ready.is_set() and connections[0].has_room:
             # The usual case, a warm pool with room: no checkout coroutine on the hot path.
@@ -152,26 +149,6 @@ class Upstream:
         waiters, self._room_waiters = self._room_waiters, {}
         for waiter in waiters:
             waiter.wake()
-
-    async def _query_on_own_connection(
-        self, message: bytes, key: bytes, race: Race | None
-    ) -> bytes:
-        # The original design, kept for comparison in the benchmark: one connection per query.
-        connection = Connection(
-            self.spec, self._ssl_context, self._config, on_room=_nothing, on_closed=_nothing
-        )
-        self._nursery.start_soon(connection.run)
-        try:
-            await connection.wait_ready(race)
-            if connection.closed:
-                raise connection.failure()
-            return await connection.exchange(message, key, race)
-        finally:
-            connection.retire(UpstreamClosed("query done"))
-
-
-def _nothing(*_args: object) -> None:
-    return None
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Fixtures that run real DNS software (see ``tests/realdns.py``)."""
+"""Fixtures that run real DNS software (see ``dot_proxy/testing/realdns.py``)."""
 
 from __future__ import annotations
 
