@@ -13,7 +13,7 @@ from dot_proxy.testing import realdns
 def _skip_or_fail(message: str) -> None:
     # On CI every tool must be there: a missing one is a failure, never a silent skip.
     if os.environ.get("CI") == "true":
-        pytest.fail(message)
+        pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
 
