@@ -86,7 +86,7 @@ def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
         shown = f"[{address}]" if ":" in address else address
         log.info("listening on %s %s:%d", transport, shown, port)
     for spec in config.upstreams:
-        log.info("forwarding over TLS to %s", spec.label)
+        log.info("forwarding over TLS to %s", spec.description)
     log.info("clients allowed from %s", ", ".join(config.allow))
     if AccessList(config.allow).is_open:
         log.warning(

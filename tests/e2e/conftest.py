@@ -21,9 +21,7 @@ def _require_tools(*names: str) -> None:
     """Skip the test when a program is missing; fail instead on CI, where it must be there."""
     missing = realdns.missing_tools(*names)
     if missing:
-        _skip_or_fail(
-            f"not installed: {', '.join(missing)} (apt-get install {' '.join(missing)})"
-        )
+        _skip_or_fail(f"not installed: {', '.join(missing)} (apt-get install {' '.join(missing)})")
 
 
 @pytest.hookimpl(wrapper=True)
