@@ -112,6 +112,45 @@ async def test_stop_lets_the_query_in_flight_finish(
         assert served.returned_at - stopped_at <= GRACE + 0.01
 
 
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_query_still_unanswered_when_the_grace_ends_gets_servfail(
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    ca_file: str,
+    clock: trio.testing.MockClock,
+    transport: str,
+) -> None:
+    # The upstream would answer after 3 s, within the query's 5 s deadline but past the
+    # stop's grace: the client hears SERVFAIL when the grace ends, not silence until its own
+    # timeout (dig waited 5 s and retried).
+    upstream = await start_upstream(answer_after(3.0))
+    async with trio.open_nursery() as nursery:
+        served = await _serve(nursery, upstream, ca_file)
+        request = query("slow.example.", "A", use_edns=0)
+        if transport == "udp":
+            client: Any = await udp_send(served.port, request.to_wire())
+        else:
+            client = await TcpClient.connect(served.port)
+            await client.send(request.to_wire())
+        await upstream.wait_for_queries(1)
+        stopped_at = trio.current_time()
+        served.stop.set()
+        if transport == "udp":
+            with client:
+                reply = await client.recv(65535)
+        else:
+            async with client.stream:
+                reply = await client.receive()
+        assert trio.current_time() - stopped_at == pytest.approx(GRACE, abs=0.01)
+    assert reply is not None
+    answer = dns.message.from_wire(reply)
+    assert (answer.id, answer.rcode()) == (request.id, dns.rcode.SERVFAIL)
+    assert answer.question == request.question
+    assert served.stats.servfail == 1
+    assert served.returned_at is not None
+    assert served.returned_at - stopped_at == pytest.approx(GRACE, abs=0.01)
+
+
 async def test_stop_cuts_work_off_after_the_grace_period(
     hang_guard: None,
     start_upstream: StartUpstream,

@@ -73,7 +73,8 @@ async def serve(
                 await stop.wait()
                 listeners.cancel_scope.cancel()
             # Stopped listening; queries in flight get a grace period. Idle client
-            # connections are cut at its end too, rather than waiting out their idle time.
+            # connections are cut at its end too, rather than waiting out their idle time;
+            # a query still unanswered then gets SERVFAIL (udp.py, tcp.py), not silence.
             log.info("stopping: finishing queries in flight")
             work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
     finally:
