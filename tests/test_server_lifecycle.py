@@ -69,6 +69,25 @@ async def _serve(
     return served
 
 
+async def _send(transport: str, port: int, request: dns.message.Message) -> Any:
+    """Send ``request`` over a new UDP socket or TCP connection; the client, to receive on."""
+    if transport == "udp":
+        return await udp_send(port, request.to_wire())
+    client = await TcpClient.connect(port)
+    await client.send(request.to_wire())
+    return client
+
+
+async def _receive(transport: str, client: Any) -> bytes | None:
+    """The answer to :func:`_send`'s query (a UDP socket is closed after)."""
+    if transport == "udp":
+        with client:
+            reply: bytes = await client.recv(65535)
+            return reply
+    answer: bytes | None = await client.receive()
+    return answer
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_stop_lets_the_query_in_flight_finish(
     hang_guard: None,
@@ -81,19 +100,11 @@ async def test_stop_lets_the_query_in_flight_finish(
     async with trio.open_nursery() as nursery:
         served = await _serve(nursery, upstream, ca_file)
         request = query("inflight.example.", "A")
-        if transport == "udp":
-            client: Any = await udp_send(served.port, request.to_wire())
-        else:
-            client = await TcpClient.connect(served.port)
-            await client.send(request.to_wire())
+        client = await _send(transport, served.port, request)
         await upstream.wait_for_queries(1)
         stopped_at = trio.current_time()
         served.stop.set()
-        if transport == "udp":
-            with client:
-                reply = await client.recv(65535)
-        else:
-            reply = await client.receive()
+        reply = await _receive(transport, client)
         assert reply is not None
         answer = dns.message.from_wire(reply)
         assert answer.rcode() == dns.rcode.NOERROR
@@ -127,20 +138,13 @@ async def test_a_query_still_unanswered_when_the_grace_ends_gets_servfail(
     async with trio.open_nursery() as nursery:
         served = await _serve(nursery, upstream, ca_file)
         request = query("slow.example.", "A", use_edns=0)
-        if transport == "udp":
-            client: Any = await udp_send(served.port, request.to_wire())
-        else:
-            client = await TcpClient.connect(served.port)
-            await client.send(request.to_wire())
+        client = await _send(transport, served.port, request)
         await upstream.wait_for_queries(1)
         stopped_at = trio.current_time()
         served.stop.set()
-        if transport == "udp":
-            with client:
-                reply = await client.recv(65535)
-        else:
-            async with client.stream:
-                reply = await client.receive()
+        reply = await _receive(transport, client)
+        if transport == "tcp":
+            await client.stream.aclose()
         assert trio.current_time() - stopped_at == pytest.approx(GRACE, abs=0.01)
     assert reply is not None
     answer = dns.message.from_wire(reply)
