@@ -551,6 +551,17 @@ def test_every_upstream_in_the_readme_examples_parses() -> None:
     assert pinned["dns.quad9.net"] == ("i2kObfz0qIKCGNWt7MjBUeSrh0Dyjb0/zWINImZES+I=",)
 
 
+def test_the_readme_examples_use_a_port_that_is_free_on_a_desktop() -> None:
+    # 5353 is mDNS's (avahi holds it on many desktops): an example on it fails as pasted.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert not re.search(r"(--port|-p) 5353\b", readme)
+    assert "--port 5300" in readme
+    # kdig opens a connection per query unless told +keepopen.
+    for line in re.findall(r"kdig .*", readme):
+        if line.count(" A") + line.count(" MX") > 1:
+            assert "+keepopen" in line, line
+
+
 def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
     # Full collections scanned every module and the config each time failing upstreams left
     # exception cycles behind (30-70 ms pauses, UDP overflow in the soak): frozen first. And
