@@ -140,7 +140,7 @@ class Config:
         _check_range(name("workers"), self.workers, 1, 256)
         if not 0 <= self.ratelimit < float("inf"):
             raise ConfigError(
-                f"{name('ratelimit')}: {self.ratelimit} must be 0 (off) or a rate per second"
+                f"{name('ratelimit')}: {self.ratelimit:g} must be 0 (off) or a rate per second"
             )
         for network in self.allow:
             parse_allow(network, where=name("allow"))
@@ -178,14 +178,14 @@ class Config:
         return min(1.0, self.timeout / 4)
 
 
-def _check_range(flag: str, value: int, low: int, high: int) -> None:
+def _check_range(where: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
-        raise ConfigError(f"{flag}: {value} is out of range ({low} to {high})")
+        raise ConfigError(f"{where}: {value} is out of range ({low} to {high})")
 
 
-def _check_positive(flag: str, value: float) -> None:
+def _check_positive(where: str, value: float) -> None:
     if not 0 < value < float("inf"):  # also rejects NaN
-        raise ConfigError(f"{flag}: {value} must be a positive number of seconds")
+        raise ConfigError(f"{where}: {value:g} must be a positive number of seconds")
 
 
 def parse_listen_address(text: str, *, where: str = "--listen") -> str:
