@@ -2,14 +2,19 @@
 
 ``cli`` turns flags, ``DOT_PROXY_*`` variables and defaults into one :class:`Config`; this module
 holds the types, the defaults and the parsing of values that have a syntax of their own (an
-upstream spec). Every check raises :class:`ConfigError` with a message naming the setting.
+upstream spec, a client network). Every check raises :class:`ConfigError` with a message that
+names the setting as the user gave it: the flag (``--timeout``), the environment variable
+(``DOT_PROXY_TIMEOUT``) or, for a source such as a config file, whatever name that source
+records in ``Config.origins`` (``FILE: timeout``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from dot_proxy.core.access import DEFAULT_ALLOW
 from dot_proxy.core.cache import DEFAULT_CACHE_SIZE
@@ -20,6 +25,8 @@ __all__ = [
     "DEFAULT_UPSTREAMS",
     "Config",
     "UpstreamSpec",
+    "flag",
+    "parse_allow",
     "parse_listen_address",
     "parse_upstream",
 ]
@@ -53,9 +60,24 @@ class UpstreamSpec:
 
     @property
     def label(self) -> str:
-        """How logs and errors name this upstream."""
+        """How logs and errors name this upstream: ``HOST:PORT#NAME``, or ``HOST:PORT`` when
+        no name is checked (pins alone authenticate it)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}#{self.auth_name}"
+        return f"{host}:{self.port}#{self.auth_name}" if self.check_name else f"{host}:{self.port}"
+
+    @property
+    def description(self) -> str:
+        """The label and how the server is authenticated, for the startup log and ``check``."""
+        if not self.pins:
+            return self.label
+        if self.check_name:
+            return f"{self.label} ^{len(self.pins)} pin(s)"
+        return f"{self.label} ^{len(self.pins)} pin(s), no name checked"
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a setting: ``"hedge-after"`` → ``"--hedge-after"``."""
+    return "--" + option
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +88,9 @@ class Config:
     listen: tuple[str, ...] = ("0.0.0.0", "::")
     port: int = 53
     ca_file: str | None = None
+    # The PEM text of ca_file, read at start while the process may still read it (before
+    # --user drops privileges: a CA file only root may read is usual). None: read ca_file.
+    ca_data: str | None = field(default=None, repr=False)
     timeout: float = 5.0
     log_level: str = "INFO"
     tcp_idle_timeout: float = 10.0
@@ -93,45 +118,67 @@ class Config:
     cache_min_ttl: int = 0
     cache_max_ttl: int = 86400
     serve_stale: float = 86400.0
+    # Where each setting that was given came from, as errors must name it: option ("timeout")
+    # → "--timeout", "DOT_PROXY_TIMEOUT" or "FILE: timeout". Not part of the value.
+    origins: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def name_of(self, option: str) -> str:
+        """How an error names ``option`` (``"port"``): where its value came from, else its flag."""
+        return self.origins.get(option, flag(option))
 
     def __post_init__(self) -> None:
+        name = self.name_of
         if not self.upstreams:
-            raise ConfigError("--upstream: at least one upstream is needed")
+            raise ConfigError(f"{name('upstream')}: at least one upstream is needed")
         if not self.listen:
-            raise ConfigError("--listen: at least one address is needed")
-        _check_range("--port", self.port, 0, 65535)
-        _check_positive("--timeout", self.timeout)
-        _check_positive("--tcp-idle-timeout", self.tcp_idle_timeout)
-        _check_positive("--upstream-idle-timeout", self.upstream_idle_timeout)
-        _check_range("--max-connections", self.max_connections, 1, 1024)
+            raise ConfigError(f"{name('listen')}: at least one address is needed")
+        _check_range(name("port"), self.port, 0, 65535)
+        _check_positive(name("timeout"), self.timeout)
+        _check_positive(name("tcp-idle-timeout"), self.tcp_idle_timeout)
+        _check_positive(name("upstream-idle-timeout"), self.upstream_idle_timeout)
+        _check_range(name("max-connections"), self.max_connections, 1, 1024)
         # RFC 7766 §6.2.1: IDs must be unique among a connection's in-flight queries.
-        _check_range("--max-pipeline", self.max_pipeline, 1, 65535)
-        _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
-        _check_range("--max-tcp-clients", self.max_tcp_clients, 1, 1_000_000)
-        _check_range("--workers", self.workers, 1, 256)
-        _check_range("--cache-size", self.cache_size, 0, 10_000_000)
+        _check_range(name("max-pipeline"), self.max_pipeline, 1, 65535)
+        _check_range(name("max-in-flight"), self.max_in_flight, 1, 1_000_000)
+        _check_range(name("max-tcp-clients"), self.max_tcp_clients, 1, 1_000_000)
+        _check_range(name("workers"), self.workers, 1, 256)
+        _check_range(name("cache-size"), self.cache_size, 0, 10_000_000)
         # RFC 8767 §4 caps TTLs at 7 days; nothing is kept longer.
-        _check_range("--cache-max-ttl", self.cache_max_ttl, 1, 604_800)
-        _check_range("--cache-min-ttl", self.cache_min_ttl, 0, self.cache_max_ttl)
+        _check_range(name("cache-max-ttl"), self.cache_max_ttl, 1, 604_800)
+        _check_range(name("cache-min-ttl"), self.cache_min_ttl, 0, self.cache_max_ttl)
         if not 0 <= self.serve_stale <= 604_800:
             raise ConfigError(
-                f"--serve-stale: {self.serve_stale:g} must be 0 (off) to 604800 seconds (7 days)"
+                f"{name('serve-stale')}: {self.serve_stale:g} must be 0 (off) to 604800 seconds"
+                " (7 days)"
             )
         if not 0 <= self.ratelimit < float("inf"):
-            raise ConfigError(f"--ratelimit: {self.ratelimit} must be 0 (off) or a rate per second")
+            raise ConfigError(
+                f"{name('ratelimit')}: {self.ratelimit:g} must be 0 (off) or a rate per second"
+            )
         for network in self.allow:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ConfigError(f"--allow: {network!r} is not an address or network") from None
+            parse_allow(network, where=name("allow"))
         if self.upstream_policy not in UPSTREAM_POLICIES:
             raise ConfigError(
-                f"--upstream-policy: {self.upstream_policy!r} is not one of "
+                f"{name('upstream-policy')}: {self.upstream_policy!r} is not one of "
                 + ", ".join(UPSTREAM_POLICIES)
             )
-        if self.hedge_after is not None and not 0 <= self.hedge_after < self.timeout:
+        self._check_hedge_after()
+
+    def _check_hedge_after(self) -> None:
+        hedge_after = self.hedge_after
+        if hedge_after is None:
+            return
+        where = self.name_of("hedge-after")
+        if not hedge_after >= 0:  # also NaN
             raise ConfigError(
-                f"--hedge-after: {self.hedge_after} must be 0 (off) or less than --timeout"
+                f"{where}: {hedge_after:g} must not be negative (0 or off turns hedging off)"
+            )
+        if hedge_after >= self.timeout:
+            raise ConfigError(
+                f"{where}: {hedge_after:g} must be less than the query timeout "
+                f"({self.timeout:g} s, {self.name_of('timeout')}), or 0 (off)"
             )
 
     @property
@@ -146,28 +193,54 @@ class Config:
         return min(1.0, self.timeout / 4)
 
 
-def _check_range(flag: str, value: int, low: int, high: int) -> None:
+def _check_range(where: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
-        raise ConfigError(f"{flag}: {value} is out of range ({low} to {high})")
+        raise ConfigError(f"{where}: {value} is out of range ({low} to {high})")
 
 
-def _check_positive(flag: str, value: float) -> None:
+def _check_positive(where: str, value: float) -> None:
     if not 0 < value < float("inf"):  # also rejects NaN
-        raise ConfigError(f"{flag}: {value} must be a positive number of seconds")
+        raise ConfigError(f"{where}: {value:g} must be a positive number of seconds")
 
 
-def parse_listen_address(text: str) -> str:
-    """Validate one ``--listen`` value: an IPv4 or IPv6 address (brackets allowed)."""
+def parse_listen_address(text: str, *, where: str = "--listen") -> str:
+    """Validate one ``--listen`` value: an IPv4 or IPv6 address (brackets allowed).
+
+    ``where`` names the setting in the error (``--listen``, ``DOT_PROXY_LISTEN``, ...).
+    """
     address = text.strip()
     if address.startswith("[") and address.endswith("]"):
         address = address[1:-1]
     try:
         return str(ipaddress.ip_address(address))
     except ValueError:
-        raise ConfigError(f"--listen: {text!r} is not an IP address") from None
+        raise ConfigError(f"{where}: {text!r} is not an IP address") from None
 
 
-def parse_upstream(text: str) -> UpstreamSpec:
+def parse_allow(text: str, *, where: str = "--allow") -> str:
+    """Validate one ``--allow`` value and return its normal form (``10.0.0.0/8``).
+
+    An address alone is that address (``/32``, ``/128``). A network with host bits set
+    (``10.0.0.1/8``) is refused rather than widened, as ``ip_network(strict=True)`` does: in an
+    access list the two readings, the network or the one host, differ by millions of addresses,
+    and only the user knows which was meant.
+    """
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=True))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not an address or network") from None
+    address = text.strip().partition("/")[0]
+    raise ConfigError(
+        f"{where}: {text!r} has host bits set: write the network {loose}, "
+        f"or {address}/{loose.max_prefixlen} for the one address"
+    )
+
+
+def parse_upstream(text: str, *, where: str = "--upstream") -> UpstreamSpec:
     """Parse ``HOST[:PORT][#AUTH_NAME][^PIN]...``; IPv6 as ``[ADDR]:PORT`` or a bare ``ADDR``.
 
     HOST must be an IP address: resolving a name would need DNS before DNS works, and the
@@ -175,7 +248,7 @@ def parse_upstream(text: str) -> UpstreamSpec:
     base64 SHA-256 SPKI pin (RFC 7858 §4.2); give two for a backup key.
     """
     spec, *pin_texts = text.strip().split("^")
-    where = f"--upstream: {text!r}"
+    where = f"{where}: {text!r}"
     try:
         pins = tuple(dict.fromkeys(parse_pin(pin) for pin in pin_texts))
     except PinError as exc:

@@ -75,6 +75,16 @@ class Proxy:
             if found:
                 return int(found.group(1))
 
+    def read_available(self) -> None:
+        """Move the stderr lines read so far into ``stderr``, without waiting for more."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return
+            if line is not None:
+                self.stderr.append(line)
+
     def finish(self) -> int:
         code = self.process.wait(timeout=HANG_GUARD)
         self._reader.join(timeout=HANG_GUARD)

@@ -20,7 +20,7 @@ from dot_proxy.cli import build_config
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve import sockets
-from tests.processes import HANG_GUARD, Proxy, run_dot_proxy
+from tests.processes import HANG_GUARD, ROOT, Proxy, run_dot_proxy
 
 # --- build_config ------------------------------------------------------------------------------
 
@@ -182,6 +182,14 @@ BAD_FLAGS = [
     ["--max-pipeline", "70000"],
     ["--max-in-flight", "0"],
     ["--max-in-flight", "lots"],
+    ["--hedge-after", "-1"],
+    ["--hedge-after", "9"],
+    ["--allow", "10.0.0.1/8"],
+    ["--allow", "10.0.0.0/33"],
+    ["--ratelimit", "-1"],
+    ["--upstream-policy", "random"],
+    ["--workers", "0"],
+    ["--max-tcp-clients", "0"],
 ]
 
 
@@ -190,18 +198,105 @@ def test_bad_flag_value_names_the_flag(argv: list[str]) -> None:
     with pytest.raises(ConfigError) as raised:
         build_config(argv, {})
     message = str(raised.value)
-    assert argv[0] in message
+    assert message.startswith(argv[0] + ":"), message
+    assert "DOT_PROXY_" not in message
     assert "\n" not in message
 
 
 @pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
-def test_bad_environment_value_names_the_setting(argv: list[str]) -> None:
+def test_bad_environment_value_names_the_variable_every_time(argv: list[str]) -> None:
+    # Whether the conversion, the range check or a relation between settings finds it, the
+    # error names where the value came from: the variable, never the flag the user did not use.
     variable = "DOT_PROXY_" + argv[0][2:].replace("-", "_").upper()
     with pytest.raises(ConfigError) as raised:
         build_config([], {variable: argv[1]})
     message = str(raised.value)
-    assert variable in message or argv[0] in message
+    assert message.startswith(variable + ":"), message
+    assert argv[0] + ":" not in message
     assert "\n" not in message
+
+
+def test_a_relation_names_each_setting_where_it_came_from() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(["--hedge-after", "3"], {"DOT_PROXY_TIMEOUT": "2"})
+    assert str(raised.value) == (
+        "--hedge-after: 3 must be less than the query timeout (2 s, DOT_PROXY_TIMEOUT), or 0 (off)"
+    )
+
+
+def test_a_negative_hedge_budget_is_called_negative() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(["--hedge-after", "-1"], {})
+    assert str(raised.value) == (
+        "--hedge-after: -1 must not be negative (0 or off turns hedging off)"
+    )
+
+
+def test_origins_name_a_setting_from_another_source() -> None:
+    # What a config file (or any later source) records in origins is how errors name it.
+    with pytest.raises(ConfigError, match=r"^proxy\.toml: timeout: -1 must be a positive"):
+        Config(upstreams=UPSTREAMS, timeout=-1, origins={"timeout": "proxy.toml: timeout"})
+    assert Config(upstreams=UPSTREAMS).name_of("timeout") == "--timeout"
+
+
+UPSTREAMS = (UpstreamSpec("192.0.2.1", 853, "one.test"),)
+
+
+def test_allow_keeps_the_normal_form_and_refuses_host_bits() -> None:
+    config = build_config(["--allow", "10.0.0.0/8", "--allow", "192.0.2.7", "--allow", "::1"], {})
+    assert config.allow == ("10.0.0.0/8", "192.0.2.7/32", "::1/128")
+    with pytest.raises(ConfigError) as raised:
+        build_config([], {"DOT_PROXY_ALLOW": "127.0.0.0/8, 10.0.0.1/8"})
+    assert str(raised.value) == (
+        "DOT_PROXY_ALLOW: '10.0.0.1/8' has host bits set: write the network 10.0.0.0/8, "
+        "or 10.0.0.1/32 for the one address"
+    )
+
+
+def test_a_pin_only_upstream_is_shown_without_a_name() -> None:
+    pin = "A" * 43 + "="
+    pinned = build_config(["--upstream", f"127.0.0.1:8853^{pin}"], {}).upstreams[0]
+    assert pinned.label == "127.0.0.1:8853"
+    assert pinned.description == "127.0.0.1:8853 ^1 pin(s), no name checked"
+    both = build_config(["--upstream", f"[::1]:8853#dns.test^{pin}"], {}).upstreams[0]
+    assert both.description == "[::1]:8853#dns.test ^1 pin(s)"
+    plain = build_config(["--upstream", "192.0.2.1"], {}).upstreams[0]
+    assert plain.description == plain.label == "192.0.2.1:853#192.0.2.1"
+
+
+def test_help_shows_the_whole_upstream_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--upstream HOST[:PORT][#AUTH_NAME][^PIN]" in shown
+    assert "5353" not in shown
+
+
+def test_check_help_is_the_checks_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: dot-proxy check")
+    assert "--upstream HOST[:PORT][#AUTH_NAME][^PIN]" in shown
+    assert "--query NAME" in shown
+    assert "--workers" not in shown  # the server's flags are not the check's
+
+
+def test_check_takes_only_its_own_flags_and_variables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A variable meant for the server (a container's environment) does not stop a check.
+    monkeypatch.setenv("DOT_PROXY_PORT", "not a port")
+    monkeypatch.setenv("DOT_PROXY_TIMEOUT", "-1")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--upstream", "192.0.2.1#one.test"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("dot-proxy check: DOT_PROXY_TIMEOUT: -1")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--workers", "2"])
+    assert exited.value.code == 2
 
 
 def test_unusable_ca_file_names_the_flag(tmp_path: Path) -> None:
@@ -236,9 +331,8 @@ def test_no_permission_for_a_low_port_says_how_to_choose_another(
     assert exited.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
-    assert "--port" in lines[0]
-    assert "53" in lines[0]
-    assert "--port 5353" in lines[0] or "another port" in lines[0]
+    assert lines[0].startswith("dot-proxy: --port: no permission to listen on 127.0.0.1:53")
+    assert lines[0].endswith("choose another port, e.g. --port 5300")
 
 
 def test_config_validates_when_built_directly() -> None:
@@ -267,8 +361,9 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: s
         (["--upstream", "dns.google"], {}, "--upstream"),
         (["--log-level", "chatty"], {}, "--log-level"),
         (["--bogus"], {}, "--bogus"),
-        ([], {"DOT_PROXY_PORT": "none"}, "DOT_PROXY_PORT"),
-        ([], {"DOT_PROXY_UPSTREAM": "1.1.1.1:99999"}, "--upstream"),
+        ([], {"DOT_PROXY_PORT": "none"}, "DOT_PROXY_PORT: "),
+        ([], {"DOT_PROXY_TIMEOUT": "-1"}, "DOT_PROXY_TIMEOUT: "),
+        ([], {"DOT_PROXY_UPSTREAM": "1.1.1.1:99999"}, "DOT_PROXY_UPSTREAM: "),
     ],
 )
 def test_bad_value_exits_2_with_one_line(
@@ -294,7 +389,23 @@ def occupied_port() -> Iterator[int]:
 
 def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:
     result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(occupied_port))
-    _assert_one_line_error(result, "already in use", str(occupied_port))
+    _assert_one_line_error(result, "--port: ", "already in use", str(occupied_port))
+
+
+@pytest.mark.parametrize(("taken", "suggested"), [(5300, "8053"), (5353, "5300"), (53, "5300")])
+def test_a_port_in_use_suggests_another_one(
+    monkeypatch: pytest.MonkeyPatch, taken: int, suggested: str
+) -> None:
+    def in_use(address: str, port: int, kind: int, reuse_port: bool) -> socket.socket:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(sockets, "_bind_one", in_use)
+    config = build_config(["--listen", "127.0.0.1"], {"DOT_PROXY_PORT": str(taken)})
+    with pytest.raises(ConfigError) as raised:
+        sockets.bind_sockets(config)
+    message = str(raised.value)
+    assert message.startswith(f"DOT_PROXY_PORT: 127.0.0.1:{taken} is already in use")
+    assert message.endswith(f"e.g. DOT_PROXY_PORT={suggested}")
 
 
 def test_workers_on_a_port_in_use_exit_2_with_one_line(occupied_port: int) -> None:
@@ -349,6 +460,17 @@ def test_every_upstream_in_the_readme_examples_parses() -> None:
     pinned = {spec.auth_name: spec.pins for spec in specs if spec.pins}
     assert pinned["cloudflare-dns.com"] == ("SPfg6FluPIlUc6a5h313BDCxQYNGX+THTy7ig5X3+VA=",)
     assert pinned["dns.quad9.net"] == ("i2kObfz0qIKCGNWt7MjBUeSrh0Dyjb0/zWINImZES+I=",)
+
+
+def test_the_readme_examples_use_a_port_that_is_free_on_a_desktop() -> None:
+    # 5353 is mDNS's (avahi holds it on many desktops): an example on it fails as pasted.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert not re.search(r"(--port|-p) 5353\b", readme)
+    assert "--port 5300" in readme
+    # kdig opens a connection per query unless told +keepopen.
+    for line in re.findall(r"kdig .*", readme):
+        if line.count(" A") + line.count(" MX") > 1:
+            assert "+keepopen" in line, line
 
 
 def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:

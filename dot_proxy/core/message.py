@@ -106,17 +106,17 @@ def parse_query(data: bytes) -> Query:
     """Validate a client's query and return what the proxy needs of it.
 
     Error handling: raises :class:`WireError` whose ``rcode`` says how to answer: FORMERR for a
-    malformed query or an unsolicited response, NOTIMP for an opcode other than QUERY, and
-    ``None`` (drop silently) when not even the header is readable or the message is itself an
-    error response (answering those invites two servers to bounce errors at each other).
+    malformed query, NOTIMP for an opcode other than QUERY, and ``None`` (drop silently) when
+    not even the header is readable or the message is a response (QR set).
     """
     if len(data) < HEADER_SIZE:
         raise WireError("shorter than a DNS header", rcode=None)
     msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
     if flags & FLAG_QR:
-        if flags & RCODE_MASK:
-            raise WireError("error response received as a query", rcode=None)
-        raise WireError("response received as a query", rcode=Rcode.FORMERR)
+        # A response is no query (RFC 1035 §7.3 has a resolver discard what it did not ask
+        # for). Answering one makes the proxy a reflector for spoofed sources and lets two
+        # servers bounce messages at each other: dropped, whatever its rcode.
+        raise WireError("response received as a query", rcode=None)
     if flags & OPCODE_MASK:
         raise WireError("opcode is not QUERY", rcode=Rcode.NOTIMP)
     if qdcount != 1:

@@ -82,7 +82,8 @@ async def serve(
                 await stop.wait()
                 listeners.cancel_scope.cancel()
             # Stopped listening; queries in flight get a grace period. Idle client
-            # connections are cut at its end too, rather than waiting out their idle time.
+            # connections are cut at its end too, rather than waiting out their idle time;
+            # a query still unanswered then gets SERVFAIL (udp.py, tcp.py), not silence.
             log.info("stopping: finishing queries in flight")
             work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
     finally:
@@ -95,7 +96,7 @@ def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
         shown = f"[{address}]" if ":" in address else address
         log.info("listening on %s %s:%d", transport, shown, port)
     for spec in config.upstreams:
-        log.info("forwarding over TLS to %s", spec.label)
+        log.info("forwarding over TLS to %s", spec.description)
     log.info("clients allowed from %s", ", ".join(config.allow))
     if AccessList(config.allow).is_open:
         log.warning(

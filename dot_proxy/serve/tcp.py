@@ -18,7 +18,7 @@ from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.core.message import Query
 from dot_proxy.errors import WireError
 from dot_proxy.serve.client_writer import SocketWriter
-from dot_proxy.serve.listening import Listening, refusal
+from dot_proxy.serve.listening import Listening, cut_off, refusal
 
 __all__ = ["MAX_TCP_CLIENT_PIPELINE", "serve_tcp"]
 
@@ -240,6 +240,13 @@ async def _wait_for_slot(
 async def _answer_frame(client: _ClientConnection, message: bytes, query: Query) -> None:
     try:
         reply = await client.listening.handler.answer(message, query, udp=False)
+    except trio.Cancelled:
+        # The stop's grace period ended first (or the client is gone, and the write is a
+        # no-op): SERVFAIL before the connection's finally closes the socket, not silence.
+        if (servfail := cut_off(message, client.listening.stats)) is not None:
+            client.writer.write_nowait(frame(servfail))
+        raise
+    else:
         client.writer.write_nowait(frame(reply))
         client.last_answer = trio.current_time()
     finally:

@@ -16,7 +16,7 @@ import trio
 
 from dot_proxy.core.message import Query
 from dot_proxy.handler import ServerStats
-from dot_proxy.serve.listening import Listening, refusal
+from dot_proxy.serve.listening import Listening, cut_off, refusal
 
 __all__ = ["serve_udp"]
 
@@ -103,6 +103,13 @@ async def _answer_datagram(
 ) -> None:
     try:
         reply = await listening.handler.answer(data, query, udp=True)
+    except trio.Cancelled:
+        # The stop's grace period ended first. The socket is still open (the server closes it
+        # once every task is done): SERVFAIL now, not silence.
+        if (servfail := cut_off(data, listening.stats)) is not None:
+            _send_datagram(sock, servfail, address, listening.stats)
+        raise
+    else:
         _send_datagram(sock, reply, address, listening.stats)
     finally:
         listening.limiter.release()

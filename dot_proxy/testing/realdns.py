@@ -54,13 +54,24 @@ class ToolMissingError(RealDnsError):
     """A program this helper needs is not installed (see ``missing_tools``)."""
 
 
+# Debian installs daemons (unbound, dnsdist) in /usr/sbin, which is not on an unprivileged
+# user's PATH: look there too, after PATH.
+SYSTEM_TOOL_DIRS: tuple[str, ...] = ("/usr/sbin", "/sbin")
+
+
+def find_tool(name: str) -> str | None:
+    """The path of program ``name`` on PATH or in ``SYSTEM_TOOL_DIRS``, or ``None``."""
+    search = [os.environ.get("PATH", os.defpath), *SYSTEM_TOOL_DIRS]
+    return shutil.which(name, path=os.pathsep.join(search))
+
+
 def missing_tools(*names: str) -> list[str]:
-    """Return those of ``names`` that are not on PATH (e.g. ``"unbound"``, ``"dnsperf"``)."""
-    return [name for name in names if shutil.which(name) is None]
+    """Return those of ``names`` that ``find_tool`` cannot find (e.g. ``"unbound"``)."""
+    return [name for name in names if find_tool(name) is None]
 
 
 def _require_tool(name: str) -> str:
-    path = shutil.which(name)
+    path = find_tool(name)
     if path is None:
         raise ToolMissingError(f"{name} is not installed (Debian package: {name})")
     return path

@@ -157,8 +157,8 @@ async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
 
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
-    verified = make_ssl_context(ca_file=config.ca_file)
-    pins_only = make_ssl_context(ca_file=config.ca_file, pins_only=True)
+    verified = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data)
+    pins_only = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data, pins_only=True)
     async with trio.open_nursery() as nursery:
         try:
             yield [
