@@ -4,7 +4,8 @@ The serve loops hand every query they read to :meth:`QueryHandler.answer_at_once
 query gets its error (or nothing), a cached one its answer, there and then, with no task and no
 await. Anything else comes back parsed, and the loop spawns a task that awaits
 :meth:`QueryHandler.answer`: the resolver under one deadline (RFC 7858 / the design's
-``trio.move_on_after(timeout)``), then the answer cut to the client's UDP size, or SERVFAIL.
+``trio.move_on_after(timeout)``), or SERVFAIL. The resolver gives every answer as the client must
+see it: its ID and question, cut to its UDP size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from dot_proxy.config import Config
-from dot_proxy.core.message import Query, Rcode, error_reply, parse_query, truncate_for_udp
+from dot_proxy.core.message import Query, Rcode, error_reply, parse_query
 from dot_proxy.errors import UpstreamError, WireError
 from dot_proxy.resolver import Resolver
 
@@ -52,16 +53,17 @@ class QueryHandler:
         nothing (a message not worth an answer), or the :class:`Query` for :meth:`answer`.
         Never raises; never awaits.
         """
+        resolver = self._resolver
+        if (answer := resolver.answer_repeated(data, now, udp=udp)) is not None:
+            return answer
         try:
             query = parse_query(data)
         except WireError as exc:
             self._stats.malformed += 1
             log.debug("malformed query: %s", exc)
             return None if exc.rcode is None else error_reply(data, exc.rcode)
-        answer = self._resolver.answer_from_cache(data, query, now)
-        if answer is None:
-            return query
-        return truncate_for_udp(answer, query.udp_limit) if udp else answer
+        answer = resolver.answer_from_cache(data, query, now, udp=udp)
+        return query if answer is None else answer
 
     async def answer_message(self, data: bytes, now: float, *, udp: bool) -> bytes | None:
         """:meth:`answer_at_once`, then :meth:`answer` if need be: a serve loop's work in one
@@ -81,8 +83,7 @@ class QueryHandler:
             # One deadline covers the cache's coalescing, pool checkout, connect, handshake,
             # send and receive, retries and failover included.
             with trio.move_on_after(self._timeout):
-                answer = await self._resolver.resolve(data, query)
-                return truncate_for_udp(answer, query.udp_limit) if udp else answer
+                return await self._resolver.resolve(data, query, udp=udp)
             self._stats.timeouts += 1
             log.debug("no answer within %g s", self._timeout)
         except UpstreamError as exc:

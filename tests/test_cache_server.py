@@ -371,3 +371,34 @@ async def test_a_cached_answer_respects_max_in_flight(
     waiting.close()
     dropped.close()
     assert (await ask(proxy)).rcode() == dns.rcode.NOERROR
+
+
+async def test_a_query_repeated_byte_for_byte_follows_the_cache(
+    hang_guard: None,
+    clock: trio.testing.MockClock,
+    start_upstream: StartUpstream,
+    start_proxy: StartProxy,
+) -> None:
+    # The same bytes but for the ID: the answer remembered for them is the cache's own, for
+    # the same second only, and never outlives the cached answer it came from.
+    switch = Switch(ttl=20)
+    upstream, proxy = await cached_proxy(start_upstream, start_proxy, switch, serve_stale=0)
+    wire = query("example.com.", "A").to_wire()
+    ttls = []
+    for step, client_id in enumerate((1, 2, 3, 4)):
+        reply = dns.message.from_wire(
+            await udp_exchange(proxy.port, client_id.to_bytes(2, "big") + wire[2:])
+        )
+        assert reply.id == client_id
+        ttls.append(answer_ttl(reply))
+        if step == 1:
+            await trio.sleep(1.2)
+    assert ttls == [20, 20, 19, 19]
+    switch.address = "192.0.2.2"
+    await trio.sleep(20)  # expired: asked again, and the new answer is the one repeated
+    for client_id in (5, 6):
+        reply = dns.message.from_wire(
+            await udp_exchange(proxy.port, client_id.to_bytes(2, "big") + wire[2:])
+        )
+        assert reply.answer[0][0].to_text() == "192.0.2.2"
+    assert len(upstream.queries) == 2

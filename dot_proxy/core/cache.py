@@ -117,7 +117,8 @@ class CachedAnswer:
 
     Times are seconds on the caller's monotonic clock. ``expires`` is when it stops being
     fresh; ``stale_until`` when it goes for good (``expires`` plus the serve-stale window).
-    The policy fields (``refreshing``, ``retry_at``) belong to the resolver.
+    The policy fields (``refreshing``, ``retry_at``) belong to the resolver. ``gone`` is set
+    once the cache no longer holds it (evicted, expired for good, or replaced).
     """
 
     __slots__ = (
@@ -130,6 +131,7 @@ class CachedAnswer:
         "arcount",
         "counts",
         "expires",
+        "gone",
         "message",
         "prefetch_at",
         "question_end",
@@ -168,6 +170,7 @@ class CachedAnswer:
         self.stale_until = self.expires + serve_stale
         self.refreshing = False
         self.retry_at = 0.0
+        self.gone = False
         self._memo_age = 0
         self._memo_tail = message[question_end:]
         self._stale_tail: bytes | None = None
@@ -347,9 +350,14 @@ class AnswerCache:
             return None
         if now >= entry.stale_until:
             del self._entries[key]
+            entry.gone = True
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def touch(self, key: bytes) -> None:
+        """Count a use of the answer under ``key`` for the LRU order (it must be there)."""
+        self._entries.move_to_end(key)
 
     def put(self, key: bytes, answer: bytes, question_end: int, now: float) -> CachedAnswer | None:
         """Store an upstream's answer under ``key`` if it may be kept; the entry, or ``None``.
@@ -368,10 +376,13 @@ class AnswerCache:
         if entry is None:
             return None
         entries = self._entries
+        old = entries.get(key)
+        if old is not None:
+            old.gone = True
         entries[key] = entry
         entries.move_to_end(key)
         if len(entries) > self.size:
-            entries.popitem(last=False)
+            entries.popitem(last=False)[1].gone = True
             self.evictions += 1
         return entry
 
@@ -382,5 +393,5 @@ class AnswerCache:
         self.size, self.min_ttl, self.max_ttl = size, min_ttl, max_ttl
         self.serve_stale = serve_stale
         while len(self._entries) > size:
-            self._entries.popitem(last=False)
+            self._entries.popitem(last=False)[1].gone = True
             self.evictions += 1
