@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NoReturn, TypeVar
 
 import trio
@@ -25,6 +25,9 @@ from dot_proxy import __version__
 from dot_proxy.check import run_check
 from dot_proxy.config import DEFAULT_UPSTREAMS, Config, parse_listen_address, parse_upstream
 from dot_proxy.errors import ConfigError
+from dot_proxy.healthcheck import run_healthcheck
+from dot_proxy.serve.activation import adopt_sockets, take_listen_fds
+from dot_proxy.serve.notify import Notifier
 from dot_proxy.serve.server import serve
 from dot_proxy.serve.sockets import bind_worker_sockets
 from dot_proxy.upstream.tls import make_ssl_context
@@ -309,23 +312,52 @@ def _drop_privileges(user: str) -> None:
     log.info("running as user %s (uid %d, gid %d)", user, record.pw_uid, record.pw_gid)
 
 
-def _check(args: list[str]) -> NoReturn:
+# `dot-proxy NAME [flags]`: the same flags and variables, a different job, an exit status.
+SUBCOMMANDS: dict[str, Callable[[Config], Awaitable[int]]] = {
+    "check": run_check,
+    "healthcheck": run_healthcheck,
+}
+
+
+def _subcommand(name: str, args: list[str]) -> NoReturn:
     try:
         config = build_config(args, os.environ)
     except ConfigError as exc:
-        print(f"dot-proxy check: {exc}", file=sys.stderr)
+        print(f"dot-proxy {name}: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    sys.exit(trio.run(run_check, config))
+    sys.exit(trio.run(SUBCOMMANDS[name], config))
 
 
-async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
+async def _run(
+    config: Config,
+    sockets: list[socket.socket],
+    parent: int | None = None,
+    notifier: Notifier | None = None,
+) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
         if parent is not None:
             nursery.start_soon(watch_parent, parent, stop)
-        await serve(config, sockets=sockets, stop=stop)
-        nursery.cancel_scope.cancel()
+        bound = await nursery.start(_serve, config, sockets, stop, nursery.cancel_scope)
+        if notifier is not None:
+            # Type=notify: systemd counts the service started only now, once it answers.
+            where = (f"{kind} [{a}]:{p}" if ":" in a else f"{kind} {a}:{p}" for kind, a, p in bound)
+            notifier.ready("serving on " + ", ".join(where))
+            await stop.wait()
+            notifier.stopping()
+
+
+async def _serve(
+    config: Config,
+    sockets: list[socket.socket],
+    stop: trio.Event,
+    done: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(config, sockets=sockets, stop=stop, task_status=task_status)
+    done.cancel()  # served and stopped: the signal receiver and parent watch end too
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:
@@ -344,18 +376,34 @@ def _serve_worker(config: Config) -> Callable[[list[socket.socket], int], None]:
     return serve_one
 
 
+def _listening_sockets(config: Config) -> list[list[socket.socket]]:
+    """The sockets systemd passed (socket activation), else ours, bound per worker."""
+    passed = take_listen_fds(os.environ, os.getpid())
+    if passed is None:
+        return bind_worker_sockets(config)
+    if config.workers != 1:
+        raise ConfigError(
+            "--workers: the sockets systemd passes (LISTEN_FDS) serve one process; "
+            "use --workers 1, or run without the socket unit"
+        )
+    return [adopt_sockets(passed)]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting.
 
     ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work.
+    ``dot-proxy healthcheck [flags]`` asks the proxy those flags describe whether it serves.
+    Started by a systemd socket unit, it serves the sockets passed (``LISTEN_FDS``) and
+    tells systemd when it is ready (``NOTIFY_SOCKET``).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["check"]:
-        _check(args[1:])
+    if args[:1] and args[0] in SUBCOMMANDS:
+        _subcommand(args[0], args[1:])
     try:
         config = build_config(args, os.environ)
         _configure_logging(config.log_level, workers=config.workers)
-        socket_sets = bind_worker_sockets(config)
+        socket_sets = _listening_sockets(config)
         if config.user is not None:
             _drop_privileges(config.user)
     except ConfigError as exc:
@@ -367,10 +415,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # the UDP socket to overflow. Before forking, it also keeps workers' pages shared.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    notifier = Notifier.from_environ(os.environ)
     if len(socket_sets) == 1:
-        trio.run(_run, config, socket_sets[0])
+        trio.run(_run, config, socket_sets[0], None, notifier)
         log.info("stopped")
         return
+    # The sockets are bound and listening: what arrives before the workers run waits in
+    # the kernel's queues. The workers themselves do not notify (NotifyAccess=main).
+    notifier.ready(f"{config.workers} workers serving")
     status = run_workers(socket_sets, _serve_worker(config))
     log.info("stopped")
     sys.exit(status)

@@ -25,7 +25,13 @@ PACKAGE = ROOT / "dot_proxy"
 
 # Top to bottom. A module's layer is the first entry that names it or its folder.
 LAYERS: list[tuple[str, ...]] = [
-    ("dot_proxy.__main__", "dot_proxy.cli", "dot_proxy.check", "dot_proxy.workers"),
+    (
+        "dot_proxy.__main__",
+        "dot_proxy.cli",
+        "dot_proxy.check",
+        "dot_proxy.healthcheck",
+        "dot_proxy.workers",
+    ),
     ("dot_proxy.serve",),
     ("dot_proxy.handler",),
     ("dot_proxy.upstream",),
