@@ -9,6 +9,8 @@ exec: move the descriptors into place and name its own pid, then exec the proxy.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,3 +175,56 @@ def test_notify_ready_once_serving_and_stopping_on_sigterm(
         manager.settimeout(0.2)
         with pytest.raises(TimeoutError):
             manager.recv(4096)  # nothing more: READY=1 was sent once
+
+
+UNITS = Path(__file__).resolve().parent.parent.parent / "deploy" / "systemd"
+# systemd-analyze security's own scale: up to 2.0 is "OK", the best band it has.
+MAX_EXPOSURE = 2.0
+
+
+@pytest.fixture
+def system_root(tmp_path: Path, require_tools: Callable[..., None]) -> Path:
+    """A root with systemd's own units, ours installed and the ExecStart program present."""
+    require_tools("systemd-analyze")
+    root = tmp_path / "root"
+    shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    program = root / "opt/dot-proxy/bin/dot-proxy"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    installed = root / "etc/systemd/system"
+    installed.mkdir(parents=True)
+    for unit in ("dot-proxy.service", "dot-proxy.socket"):
+        shutil.copy(UNITS / unit, installed / unit)
+    return root
+
+
+def _analyze(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", f"--root={root}", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=root,
+    )
+
+
+@pytest.mark.parametrize("drop_in", [False, True], ids=["socket-activated", "no-socket.conf"])
+def test_systemd_analyze_verify_finds_nothing(system_root: Path, drop_in: bool) -> None:
+    installed = system_root / "etc/systemd/system"
+    if drop_in:
+        (installed / "dot-proxy.service.d").mkdir()
+        shutil.copy(UNITS / "no-socket.conf", installed / "dot-proxy.service.d")
+    units = [str(installed / "dot-proxy.socket"), str(installed / "dot-proxy.service")]
+    result = _analyze(system_root, "verify", *units)
+    # Unknown keys and bad values are warnings with status 0: any output is a finding.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_systemd_analyze_security_rates_the_service_ok(system_root: Path) -> None:
+    result = _analyze(system_root, "security", "--offline=yes", "dot-proxy.service")
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"Overall exposure level for dot-proxy.service: ([0-9.]+)", result.stdout)
+    assert found, result.stdout
+    assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout
