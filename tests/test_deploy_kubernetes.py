@@ -28,7 +28,7 @@ Doc = dict[str, Any]
 
 
 def manifests() -> list[tuple[Path, Doc]]:
-    """Every Kubernetes object in deploy/kubernetes (kustomizations are kustomize's, not the API's)."""
+    """Every Kubernetes object in deploy/kubernetes (not the kustomizations: not API objects)."""
     found = []
     for path in sorted(KUBERNETES.rglob("*.yaml")):
         if path.name == "kustomization.yaml":
