@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +30,7 @@ def render(require_tools: Callable[..., None]) -> Callable[[str], list[Doc]]:
 
     def run(where: str) -> list[Doc]:
         out = subprocess.run(
-            [*command, str(KUBERNETES / where)],
+            [*command, str(KUBERNETES / where)],  # an absolute path stays as it is
             capture_output=True,
             text=True,
             check=True,
@@ -86,3 +88,26 @@ def test_the_node_local_overlay_is_a_daemonset_alone_on_its_node(
     config = build_config(["--user", "dotproxy"], config_map["data"])
     assert (config.listen, config.port) == (("169.254.20.11",), 53)
     assert config.upstreams, "the base's upstreams are kept"
+
+
+def test_the_overlay_in_docs_deploy_renders_as_described(
+    render: Callable[[str], list[Doc]], tmp_path: Path
+) -> None:
+    # docs/deploy.md's own overlay, written and rendered as a reader would.
+    text = (KUBERNETES.parent.parent / "docs" / "deploy.md").read_text()
+    found = re.search(r"cat > dns-overlay/kustomization.yaml <<'EOF'\n(.*?)\nEOF\n", text, re.S)
+    assert found, "docs/deploy.md shows no overlay"
+    overlay = tmp_path / "dns-overlay"
+    shutil.copytree(KUBERNETES, overlay / "upstream")
+    (overlay / "kustomization.yaml").write_text(found.group(1))
+    kinds = _by_kind(render(str(overlay)))
+    [deployment] = kinds["Deployment"]
+    [config_map] = kinds["ConfigMap"]
+    for doc in (doc for docs in kinds.values() for doc in docs):
+        validate(doc)
+        assert doc["metadata"]["namespace"] == "dns"
+    assert deployment["spec"]["replicas"] == 3
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example/dot-proxy:0.1.0"
+    config = build_config([], config_map["data"])
+    assert config.allow == ("10.244.0.0/16",)
