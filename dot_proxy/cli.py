@@ -328,19 +328,16 @@ def _subcommand(name: str, args: list[str]) -> NoReturn:
     sys.exit(trio.run(SUBCOMMANDS[name], config))
 
 
-async def _run(
-    config: Config,
-    sockets: list[socket.socket],
-    parent: int | None = None,
-    notifier: Notifier | None = None,
-) -> None:
+async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
+    # The service manager hears from the process it started, not from workers (parent set).
+    notifier = Notifier.from_environ(os.environ) if parent is None else None
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
         if parent is not None:
             nursery.start_soon(watch_parent, parent, stop)
         bound = await nursery.start(_serve, config, sockets, stop, nursery.cancel_scope)
-        if notifier is not None:
+        if notifier is not None and notifier.enabled:
             # Type=notify: systemd counts the service started only now, once it answers.
             where = (f"{kind} [{a}]:{p}" if ":" in a else f"{kind} {a}:{p}" for kind, a, p in bound)
             notifier.ready("serving on " + ", ".join(where))
@@ -415,14 +412,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     # the UDP socket to overflow. Before forking, it also keeps workers' pages shared.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    notifier = Notifier.from_environ(os.environ)
     if len(socket_sets) == 1:
-        trio.run(_run, config, socket_sets[0], None, notifier)
+        trio.run(_run, config, socket_sets[0])
         log.info("stopped")
         return
     # The sockets are bound and listening: what arrives before the workers run waits in
     # the kernel's queues. The workers themselves do not notify (NotifyAccess=main).
-    notifier.ready(f"{config.workers} workers serving")
+    Notifier.from_environ(os.environ).ready(f"{config.workers} workers serving")
     status = run_workers(socket_sets, _serve_worker(config))
     log.info("stopped")
     sys.exit(status)

@@ -177,6 +177,24 @@ def test_notify_ready_once_serving_and_stopping_on_sigterm(
             manager.recv(4096)  # nothing more: READY=1 was sent once
 
 
+def test_with_workers_the_supervisor_notifies_ready(
+    unbound: realdns.Unbound, pki: realdns.Pki, tmp_path: Path
+) -> None:
+    # The workers do not notify (NotifyAccess=main); the supervisor does once the sockets
+    # are bound and the workers forked: what arrives before they read waits in the sockets.
+    port = realdns.free_port("both")
+    argv = _proxy(unbound, pki, "--listen", "127.0.0.1", "--port", str(port), "--workers", "2")
+    log = tmp_path / "dot-proxy.log"
+    env = _environment(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    with _manager(tmp_path) as manager, _running(argv, env, log) as process:
+        [ready] = _messages(manager, b"READY=1", log)
+        assert ready == b"READY=1\nSTATUS=2 workers serving"
+        answer = realdns.udp_query(port, "h3.test.", timeout=5.0)
+        assert answer.answer, answer
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+
+
 UNITS = Path(__file__).resolve().parent.parent.parent / "deploy" / "systemd"
 # systemd-analyze security's own scale: up to 2.0 is "OK", the best band it has.
 MAX_EXPOSURE = 2.0
