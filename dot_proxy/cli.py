@@ -1,20 +1,20 @@
-"""Command line: flags, ``DOT_PROXY_*`` environment and defaults → one Config → serve.
+"""Command line: flags, ``DOT_PROXY_*`` environment, a config file and defaults → one Config.
 
-Precedence is flag, then environment variable, then default. A value that cannot be used ends
-the program with one line on stderr naming the setting as the user gave it (the flag, or the
-variable when the value came from the environment), and exit status 2.
+Precedence is flag, then environment variable, then the ``--config`` file, then default; a
+list given by a flag or variable replaces the file's. A value that cannot be used ends the
+program with one line on stderr naming the setting as the user gave it (the flag, the
+variable, or ``FILE: key``), and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import gc
 import logging
 import os
 import pwd
-import signal
-import socket
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -32,14 +32,17 @@ from dot_proxy.config import (
     flag,
     parse_allow,
     parse_listen_address,
+    parse_metrics_address,
     parse_upstream,
 )
+from dot_proxy.config_file import ConfigFile
 from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
-from dot_proxy.serve.server import serve
+from dot_proxy.logs import configure_logging
+from dot_proxy.runner import Launch, run
+from dot_proxy.serve.ops_http import bind_ops_socket
 from dot_proxy.serve.sockets import bind_worker_sockets
 from dot_proxy.upstream.tls import make_ssl_context
-from dot_proxy.workers import run_workers, watch_parent
 
 __all__ = ["build_config", "main"]
 
@@ -94,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--version", action="version", version=f"dot-proxy {__version__}")
     add(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys: the long flag names); flags and "
+        "DOT_PROXY_* variables win over it; SIGHUP re-reads it. `dot-proxy check-config "
+        "FILE` checks one",
+    )
+    add(
         "--listen",
         action="append",
         metavar="ADDR",
@@ -104,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--ca-file", metavar="PEM", help=CA_FILE_HELP)
     add("--timeout", metavar="SECONDS", help=TIMEOUT_HELP)
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    add("--log-format", metavar="FORMAT", help="text or json, one object a line (default: text)")
+    add(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve HTTP on ADDR:PORT: /metrics (Prometheus), /healthz, /readyz "
+        "(default: off; e.g. 127.0.0.1:9153)",
+    )
     add(
         "--tcp-idle-timeout",
         metavar="SECONDS",
@@ -223,19 +240,48 @@ def _check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Turn arguments and environment into a validated :class:`Config`.
+def build_config(
+    argv: Sequence[str], environ: Mapping[str, str], *, read_ca: bool = True
+) -> Config:
+    """Turn arguments, environment and the ``--config`` file into a validated :class:`Config`.
 
-    Error handling: raises :class:`ConfigError` naming the flag, or the environment variable
-    when the value came from one, for any unusable value.
+    ``read_ca=False`` leaves ``ca_data`` unset rather than read the CA file (a reload, which
+    keeps the one read at the start). Error handling: raises :class:`ConfigError` naming the
+    flag, the environment variable or ``FILE: key`` the bad value came from. Every key of the
+    file is checked, including those a flag or variable overrides.
     """
-    return _config_from(_parser().parse_args(argv), environ)
+    return _config_from(_parser().parse_args(argv), environ, read_ca=read_ca)
 
 
-def _config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    value = _Lookup([_Flags(args), _Environment(environ)], known=vars(args))
+def check_config_file(path: str) -> Config:
+    """The configuration ``path`` gives on its own (defaults for the rest), checked whole.
+
+    Error handling: raises :class:`ConfigError` naming ``FILE: key``.
+    """
+    return _settings(_Lookup([ConfigFile.load(path)], known=vars(_parser().parse_args([]))))
+
+
+def _config_from(
+    args: argparse.Namespace, environ: Mapping[str, str], *, read_ca: bool = True
+) -> Config:
+    sources: list[_Source] = [_Flags(args), _Environment(environ)]
+    where = _Lookup(sources, known=vars(args))
+    path = where.one("config", str, None)
+    if path is None:
+        return _settings(_Lookup(sources, known=vars(args)), read_ca=read_ca)
+    file = ConfigFile.load(path, where=where.where("config"))
+    # The file must be right on its own: a bad key stops the start even where a flag or a
+    # variable overrides it, rather than waiting for the day that flag is dropped.
+    _settings(_Lookup([file], known=vars(args)), read_ca=False)
+    config = _settings(_Lookup([*sources, file], known=vars(args)), read_ca=read_ca)
+    return dataclasses.replace(config, config_file=path)
+
+
+def _settings(value: _Lookup, *, read_ca: bool = True) -> Config:
     ca_file = value.one("ca-file", str, None)
-    ca_data = None if ca_file is None else _read_ca_file(ca_file, value.where("ca-file"))
+    ca_data = None
+    if ca_file is not None and read_ca:
+        ca_data = _read_ca_file(ca_file, value.where("ca-file"))
     log_level = value.one("log-level", str.upper, "INFO")
     if log_level not in LOG_LEVELS:
         raise ConfigError(
@@ -245,6 +291,7 @@ def _config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
     upstreams = value.many("upstream", list(DEFAULT_UPSTREAMS))
     listen = value.many("listen", list(defaults.listen))
     allow = value.many("allow", list(defaults.allow))
+    metrics = value.one("metrics", str, None)
     return Config(
         upstreams=tuple(parse_upstream(text, where=value.where("upstream")) for text in upstreams),
         listen=tuple(parse_listen_address(text, where=value.where("listen")) for text in listen),
@@ -272,12 +319,16 @@ def _config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config
         cache_min_ttl=value.one("cache-min-ttl", int, defaults.cache_min_ttl),
         cache_max_ttl=value.one("cache-max-ttl", int, defaults.cache_max_ttl),
         serve_stale=value.one("serve-stale", float, defaults.serve_stale),
+        metrics=None
+        if metrics is None
+        else parse_metrics_address(metrics, where=value.where("metrics")),
+        log_format=value.one("log-format", str.lower, defaults.log_format),
         origins=MappingProxyType(value.origins),
     )
 
 
 class _Source(Protocol):
-    """Where settings come from: flags, the environment (and, next, a config file)."""
+    """Where settings come from: flags, the environment, a config file (ConfigFile)."""
 
     def get(self, option: str) -> tuple[str, object] | None:
         """``(name, raw value)`` for ``option`` ("hedge-after") if this source sets it.
@@ -393,16 +444,6 @@ def _read_ca_file(path: str, where: str) -> str:
     return text
 
 
-def _configure_logging(level: str, *, workers: int = 1) -> None:
-    # With several workers, each line says which process wrote it.
-    process = " [%(process)d]" if workers > 1 else ""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _drop_privileges(user: str, where: str = "--user") -> None:
     """Become ``user`` (and its group, no others) once the sockets are bound.
 
@@ -440,44 +481,56 @@ def _check(argv: list[str]) -> NoReturn:
     sys.exit(trio.run(partial(run_check, config, query=query)))
 
 
-async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, stop)
-        if parent is not None:
-            nursery.start_soon(watch_parent, parent, stop)
-        await serve(config, sockets=sockets, stop=stop)
-        nursery.cancel_scope.cancel()
+def _check_config(argv: list[str]) -> NoReturn:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(
+            "usage: dot-proxy check-config FILE  (checks a --config file: exit 0 if every "
+            "key is known and every value good, 2 with one line naming the first that is not)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USAGE)
+    try:
+        config = check_config_file(argv[0])
+    except ConfigError as exc:
+        print(f"dot-proxy check-config: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    given = len(ConfigFile.load(argv[0]).values)
+    print(f"{argv[0]}: ok ({given} settings; {len(config.upstreams)} upstream(s))")
+    sys.exit(0)
 
 
-async def _stop_on_signal(stop: trio.Event) -> None:
-    # Signals keep being taken until serving ends: a worker gets Ctrl-C from the terminal and
-    # SIGTERM from its supervisor, and the second must not kill it mid-way through stopping.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            stop.set()
+def _rebuild(args: Sequence[str], environ: Mapping[str, str]) -> Callable[[Config], Config]:
+    """Build the configuration again as at the start, the config file re-read (a reload)."""
 
+    def rebuild(old: Config) -> Config:
+        new = build_config(args, environ, read_ca=False)
+        if new.ca_file == old.ca_file:
+            # Read at the start, perhaps as root: a reload keeps that reading.
+            new = dataclasses.replace(new, ca_data=old.ca_data)
+        return new
 
-def _serve_worker(config: Config) -> Callable[[list[socket.socket], int], None]:
-    def serve_one(sockets: list[socket.socket], parent: int) -> None:
-        trio.run(_run, config, sockets, parent)
-
-    return serve_one
+    return rebuild
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting.
 
-    ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work.
+    ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work;
+    ``dot-proxy check-config FILE`` checks a config file without starting.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["check"]:
         _check(args[1:])
+    if args[:1] == ["check-config"]:
+        _check_config(args[1:])
+    environ = dict(os.environ)
     try:
-        config = build_config(args, os.environ)
-        _configure_logging(config.log_level, workers=config.workers)
+        config = build_config(args, environ)
+        configure_logging(config.log_level, config.log_format, workers=config.workers)
         socket_sets = bind_worker_sockets(config)
+        ops_socket = None
+        if config.metrics is not None:
+            ops_socket = bind_ops_socket(config.metrics, config.name_of("metrics"))
         if config.user is not None:
             _drop_privileges(config.user, config.name_of("user"))
     except ConfigError as exc:
@@ -489,10 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Before forking, it also keeps the workers' pages shared.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    if len(socket_sets) == 1:
-        trio.run(_run, config, socket_sets[0])
-        log.info("stopped")
-        return
-    status = run_workers(socket_sets, _serve_worker(config))
+    status = run(Launch(config, _rebuild(args, environ), ops_socket), socket_sets)
     log.info("stopped")
-    sys.exit(status)
+    if status:
+        sys.exit(status)
