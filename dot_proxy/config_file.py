@@ -138,7 +138,7 @@ class ConfigFile:
             close = difflib.get_close_matches(key, SHAPES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             if isinstance(value, dict):
-                hint += "; settings are top-level keys, not tables"
+                hint = "; settings are top-level keys, not tables"
             raise ConfigError(f"{path}: unknown key {key!r}{hint}")
         if not _fits(shape, value):
             raise ConfigError(f"{path}: {key}: expected {shape.value}, got {_toml_type(value)}")

@@ -116,7 +116,15 @@ CORE = sorted(name for name, _ in MODULES if name.startswith("dot_proxy.core."))
 
 def test_the_core_folder_holds_the_pure_modules() -> None:
     expected = {
-        "access", "cache", "edns", "framing", "health", "message", "metrics", "pins", "slots"
+        "access",
+        "cache",
+        "edns",
+        "framing",
+        "health",
+        "message",
+        "metrics",
+        "pins",
+        "slots",
     }
     assert expected <= {name.rpartition(".")[2] for name in CORE}
 

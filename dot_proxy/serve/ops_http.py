@@ -95,13 +95,14 @@ async def serve_ops(
 ) -> NoReturn:
     """Serve HTTP on the bound, listening ``sock`` forever; report its address when ready.
 
-    Resource handling: each connection is closed when its task ends, cancelled or not.
+    Resource handling: each connection is closed when its task ends, cancelled or not, and
+    ``sock`` when this ends (in a worker: its copy; the parent keeps its own for restarts).
     """
     sock.setblocking(False)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     slots = trio.Semaphore(MAX_CLIENTS)
     task_status.started(sock.getsockname()[:2])
-    async with trio.open_nursery() as nursery:
+    async with listener, trio.open_nursery() as nursery:
         while True:
             await slots.acquire()
             try:
@@ -147,12 +148,24 @@ async def _one_exchange(
         response = _Response(exc.error_status_hint, _TEXT, b"bad request\n")
         if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await _send(stream, connection, response, head_only=False)
+            await _linger(stream)
         return False
     if request is None:
         return False
     response = await _respond(request, endpoints)
     await _send(stream, connection, response, head_only=request.method == b"HEAD")
     return True
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    # Closing with the rest of a request unread makes the kernel send a reset, which can
+    # destroy the error response before the client reads it: send our EOF, read (and drop)
+    # what the client is still sending for a moment, then close.
+    with trio.move_on_after(1.0):
+        await stream.send_eof()
+        drained = 0
+        while drained < 16 * MAX_REQUEST and (data := await stream.receive_some(_RECEIVE_SIZE)):
+            drained += len(data)
 
 
 async def _read_request(
