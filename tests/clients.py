@@ -6,9 +6,9 @@ import socket
 
 import dns.message
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.testing.observability import parse_metrics
 
 
 def query(name: str = "example.com.", rdtype: str = "A", **kwargs: object) -> dns.message.Message:
@@ -125,13 +125,3 @@ async def scrape(port: int) -> dict[str, float]:
     status, body = await http_get(port, "/metrics")
     assert status == 200, body
     return parse_metrics(body.decode())
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """The text exposition format as ``'name{label="value",...}'`` (labels sorted) → value."""
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
