@@ -220,3 +220,35 @@ def test_workers_one_endpoint_adds_them_up_and_a_restart_does_not_go_back(
             assert total(scrape(port), "dot_proxy_queries_total") >= expected
             time.sleep(0.3)
         assert http_get(f"http://127.0.0.1:{port}/readyz") == (200, "ready\n")
+
+
+def test_with_workers_sighup_reloads_every_worker(
+    pki: realdns.Pki, unbound: realdns.Unbound, tmp_path: Path
+) -> None:
+    config = tmp_path / "dot-proxy.toml"
+    config.write_text(f'upstream = ["{unbound.upstream_spec}"]\n')
+    proxy, port = metrics_proxy(
+        pki, [], tmp_path / "proxy", "--config", str(config), "--workers", "2"
+    )
+    with proxy:
+        config.write_text(
+            f'upstream = ["{unbound.upstream_spec}"]\ntimeout = 3\nmax-in-flight = 10\n'
+        )
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.log_text().count(": timeout") == 2, "both workers reloading")
+        log = proxy.log_text()
+        assert log.count("max-in-flight changed, which takes a restart") == 2
+        wait_until(
+            lambda: scrape(port)['dot_proxy_config_reloads_total{result="success"}'] == 1,
+            "the reload counted once",
+        )
+        assert realdns.udp_query(proxy.port, "h2.test.").rcode() == 0
+        # A bad file: each worker says so in one line, and serves on.
+        config.write_text("timeout = 'x'\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: proxy.log_text().count("reload failed") == 2, "both refusing it")
+        wait_until(
+            lambda: scrape(port)['dot_proxy_config_reloads_total{result="error"}'] == 1,
+            "the failed reload counted",
+        )
+        assert realdns.udp_query(proxy.port, "h3.test.").rcode() == 0
