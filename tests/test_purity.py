@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
         "dot_proxy.runner",
         "dot_proxy.reloading",
         "dot_proxy.logs",
+        "dot_proxy.settings",
     ),
     ("dot_proxy.serve",),
     ("dot_proxy.handler",),
