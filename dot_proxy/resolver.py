@@ -35,7 +35,7 @@ from dot_proxy.core.message import HEADER_SIZE, Query, Rcode, truncate_for_udp
 from dot_proxy.errors import UpstreamError, fresh
 from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
 
-__all__ = ["Resolver", "open_resolver"]
+__all__ = ["Resolver", "cache_for", "open_resolver"]
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +103,22 @@ class Resolver:
         nursery: trio.Nursery,
         cache: AnswerCache | None,
     ) -> None:
+        self._nursery = nursery
+        self._flights: dict[bytes, _Flight] = {}
+        self._refreshes = 0
+        self.reconfigure(config, group, cache)
+
+    def reconfigure(self, config: Config, group: UpstreamGroup, cache: AnswerCache | None) -> None:
+        """Answer from now on with ``config``'s settings, ``group`` and ``cache`` (a reload);
+        queries already under way finish with what they started with."""
         self.group = group
         self.cache = cache
-        self._nursery = nursery
         self._padding = config.padding
         self._timeout = config.timeout
         # RFC 8767's timer, or less when --timeout is shorter, so that the stale answer still
         # goes out within the query's own deadline.
         self._stale_after = min(CLIENT_RESPONSE_TIMER, config.timeout * 0.9)
-        self._flights: dict[bytes, _Flight] = {}
-        self._refreshes = 0
+        # Remembered answers point into the cache they came from: none outlive a change of it.
         self._repeats: tuple[dict[bytes, _Repeat], dict[bytes, _Repeat]] = ({}, {})  # TCP, UDP
 
     # --- the fast path: where the query is read ------------------------------------------
@@ -317,18 +323,20 @@ async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
     Resource handling: the background refreshes' nursery is cancelled on exit, before the
     upstreams close.
     """
-    cache = (
-        AnswerCache(
-            size=config.cache_size,
-            min_ttl=config.cache_min_ttl,
-            max_ttl=config.cache_max_ttl,
-            serve_stale=config.serve_stale,
-        )
-        if config.cache_size
-        else None
-    )
     async with open_upstream_group(config) as group, trio.open_nursery() as nursery:
         try:
-            yield Resolver(group, config, nursery, cache)
+            yield Resolver(group, config, nursery, cache_for(config))
         finally:
             nursery.cancel_scope.cancel()
+
+
+def cache_for(config: Config) -> AnswerCache | None:
+    """The answer cache ``config`` asks for, or None when ``--cache-size`` is 0."""
+    if not config.cache_size:
+        return None
+    return AnswerCache(
+        size=config.cache_size,
+        min_ttl=config.cache_min_ttl,
+        max_ttl=config.cache_max_ttl,
+        serve_stale=config.serve_stale,
+    )

@@ -325,7 +325,7 @@ def test_no_permission_for_a_low_port_says_how_to_choose_another(
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(sockets, "_bind_one", refuse)
-    monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     with pytest.raises(SystemExit) as exited:
         cli.main(["--listen", "127.0.0.1", "--port", "53"])
     assert exited.value.code == 2
@@ -480,13 +480,13 @@ def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch)
     # a pass over all of them (see cli.GC_THRESHOLDS).
     when_serving: list[tuple[int, tuple[int, int, int]]] = []
 
-    def run(_serve: object, _config: object, sockets: list[socket.socket]) -> None:
+    def run(_serve: object, _launch: object, sockets: list[socket.socket]) -> None:
         when_serving.append((gc.get_freeze_count(), gc.get_threshold()))
         for sock in sockets:
             sock.close()
 
     monkeypatch.setattr(cli.trio, "run", run)
-    monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     threshold = gc.get_threshold()
     gc.unfreeze()  # so that only main's freeze can count
     try:
