@@ -23,7 +23,7 @@ from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.core.message import parse_query
 from dot_proxy.upstream.pool import Upstream, open_upstreams
-from dot_proxy.upstream.trio_private import EagerSender
+from dot_proxy.upstream.trio_private import RoundSavingSender
 
 AUTH_NAME = "dns.test"
 
@@ -422,8 +422,8 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 30.0) -> 
 
 @dataclass(frozen=True)
 class TlsWrite:
-    """One write to a TLS stream: which task made it, on which side, how many bytes, and
-    whether it went through ``SSLStream.send_all`` or at once (``EagerSender.send_nowait``)."""
+    """One write to a TLS stream: which task made it, on which side, how many bytes, and whether
+    it went through ``SSLStream.send_all`` or at once (``RoundSavingSender.send_nowait``)."""
 
     task: trio.lowlevel.Task
     server_side: bool
@@ -435,20 +435,20 @@ def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
     """Record every ``trio.SSLStream.send_all`` call and every eager send from now on."""
     writes: list[TlsWrite] = []
     original = trio.SSLStream.send_all
-    original_nowait = EagerSender.send_nowait
+    original_nowait = RoundSavingSender.send_nowait
 
     async def send_all(self: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> None:
         writes.append(TlsWrite(trio.lowlevel.current_task(), bool(self.server_side), len(data)))
         await original(self, data)
 
-    def send_nowait(self: EagerSender, data: bytes) -> memoryview | None:
+    def send_nowait(self: RoundSavingSender, data: bytes) -> memoryview | None:
         rest = original_nowait(self, data)
         if rest is not None:
             writes.append(TlsWrite(trio.lowlevel.current_task(), False, len(data), eager=True))
         return rest
 
     monkeypatch.setattr(trio.SSLStream, "send_all", send_all)
-    monkeypatch.setattr(EagerSender, "send_nowait", send_nowait)
+    monkeypatch.setattr(RoundSavingSender, "send_nowait", send_nowait)
     return writes
 
 

@@ -30,7 +30,7 @@ from dot_proxy.errors import (
 from dot_proxy.upstream.race import Race
 from dot_proxy.upstream.socket_stream import EagerSocketStream
 from dot_proxy.upstream.tls import open_tls, quickack_hook
-from dot_proxy.upstream.trio_private import buffered_plaintext, eager_sender
+from dot_proxy.upstream.trio_private import round_saving_drain, round_saving_sender
 from dot_proxy.upstream.writer import BatchWriter
 
 __all__ = ["Connection", "race_lost"]
@@ -229,7 +229,7 @@ class Connection:
                     stream.send_all,
                     after_send=quickack_hook(stream),
                     busy=self._has_other_queries,
-                    eager=eager_sender(stream),
+                    eager=round_saving_sender(stream),
                 )
                 self._set_ready()
                 async with trio.open_nursery() as nursery:
@@ -263,8 +263,8 @@ class Connection:
         decoder = FrameDecoder()
         label = self.spec.label
         # Every answer the last read brought in is dispatched before the next await: they
-        # wake their tasks in one scheduling round (see buffered_plaintext).
-        drain = buffered_plaintext(stream)
+        # wake their tasks in one scheduling round (see round_saving_drain).
+        drain = round_saving_drain(stream)
         while True:
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)

@@ -19,6 +19,7 @@ from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
 from dot_proxy.upstream.connection import Connection, race_lost
 from dot_proxy.upstream.race import Race
 from dot_proxy.upstream.tls import make_ssl_context
+from dot_proxy.upstream.trio_private import missing_internals
 
 __all__ = ["Upstream", "open_upstreams"]
 
@@ -180,6 +181,13 @@ async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
 
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
+    if problems := missing_internals():
+        log.warning(
+            "trio %s: %s; upstream reads and writes take trio's public path, a scheduling "
+            "round slower each (dot-proxy is tested with the trio versions its package names)",
+            trio.__version__,
+            "; ".join(problems),
+        )
     verified = make_ssl_context(ca_file=config.ca_file)
     pins_only = make_ssl_context(ca_file=config.ca_file, pins_only=True)
     async with trio.open_nursery() as nursery:

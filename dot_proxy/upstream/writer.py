@@ -40,7 +40,7 @@ class _QueuedWriter:
 
 
 class EagerSend(Protocol):
-    """Sending without a scheduling round when the socket takes it (see tls.EagerSender)."""
+    """Sending without a scheduling round when the socket takes it (see tls.RoundSavingSender)."""
 
     def send_nowait(self, data: bytes) -> memoryview | None: ...
 
