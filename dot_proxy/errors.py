@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 __all__ = [
     "ConfigError",
     "DotProxyError",
@@ -63,7 +65,10 @@ class RaceLost(UpstreamError):
     """Another attempt at the same query answered first; its answer is in ``race.answer``."""
 
 
-def fresh(error: UpstreamError) -> UpstreamError:
+_Kept = TypeVar("_Kept", bound=BaseException)
+
+
+def fresh(error: _Kept) -> _Kept:
     """A new error of the same type and message, with no traceback, cause or context.
 
     For an error kept to be raised later (a connection's, the one a retired connection hands

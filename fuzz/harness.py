@@ -60,11 +60,6 @@ __all__ = [
 RUN_GUARD: Final = 60.0
 
 
-def _no_quickack(_stream: object) -> None:
-    # TCP_QUICKACK needs a TCP socket; the fake pipe has none.
-    return None
-
-
 T = TypeVar("T")
 
 
@@ -202,10 +197,7 @@ class QueryPath:
 def _swapped_open_tls(network: FakeNetwork) -> Iterator[None]:
     # Connection._connect and Connection.run look these names up in dot_proxy.upstream.connection at
     # call time: swapping them is the one seam needed to run the pool over memory streams.
-    with (
-        mock.patch.object(connection_module, "open_tls", network.open_tls),
-        mock.patch.object(connection_module, "quickack_hook", _no_quickack),
-    ):
+    with mock.patch.object(connection_module, "open_tls", network.open_tls):
         yield
 
 

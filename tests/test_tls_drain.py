@@ -185,7 +185,6 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
         return client
 
     monkeypatch.setattr(connection_module, "open_tls", open_tls)
-    monkeypatch.setattr(connection_module, "quickack_hook", lambda _stream: None)
     answered: list[dns.message.Message] = []
     config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),), ca_file=ca_file)
     async with open_upstreams(config) as [upstream], trio.open_nursery() as queries:

@@ -29,8 +29,8 @@ from dot_proxy.errors import (
 )
 from dot_proxy.upstream.race import Race
 from dot_proxy.upstream.socket_stream import EagerSocketStream
-from dot_proxy.upstream.tls import open_tls, quickack_hook
-from dot_proxy.upstream.trio_private import round_saving_drain, round_saving_sender
+from dot_proxy.upstream.tls import open_tls
+from dot_proxy.upstream.trio_private import round_saving_drain
 from dot_proxy.upstream.writer import BatchWriter
 
 __all__ = ["Connection", "race_lost"]
@@ -106,6 +106,9 @@ class Connection:
         """Queries sent and not yet answered, including abandoned ones."""
         return len(self._pending)
 
+    def _queries_in_flight(self) -> int:
+        return len(self._pending)
+
     @property
     def has_room(self) -> bool:
         """Whether another query may be pipelined on this connection now."""
@@ -117,10 +120,9 @@ class Connection:
         Error handling: raises :class:`UpstreamClosed` if the connection is retired before the
         answer arrives (the query may be retried on another connection), and
         :class:`RaceLost` if another attempt in ``race`` answered first. Cancellation leaves
-        the connection healthy: the query's bytes are queued for the writer task or, alone on
-        a quiet connection, sent from here in one non-blocking call, so a cancel cannot cut a
-        write in half. (Only if the kernel took part of that record does the rest take an
-        await; a cancel then breaks the connection, on which this query was the only one.)
+        the connection healthy: the connection's :class:`BatchWriter` writes the query, and a
+        cancel cannot cut its write in half (only a record the kernel took part of, of a query
+        alone on the connection, breaks it).
         """
         writer = self._writer
         if writer is None or self.closed:
@@ -133,13 +135,8 @@ class Connection:
         if not pending_map:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
-        data = frame_with_id(message, wire_id)
         try:
-            if writer.quiet and len(pending_map) == 1:
-                # Low load: this task sends it, a scheduling round sooner (BatchWriter).
-                await writer.send_alone(data)
-            else:
-                writer.write_nowait(data)
+            await writer.send(frame_with_id(message, wire_id))
             while pending.answer is None and pending.error is None and race.answer is None:
                 await race.wait()
         except BaseException:
@@ -155,10 +152,6 @@ class Connection:
     def failure(self) -> UpstreamError:
         """What to raise in a query that finds this connection closed: a copy of its error."""
         return fresh(self.error) if self.error else UpstreamClosed(f"{self.spec.label}: closed")
-
-    def _has_other_queries(self, queued: int) -> bool:
-        # Under load: a burst queued, or answers outstanding besides the queued queries.
-        return queued > 1 or len(self._pending) > queued
 
     async def wait_ready(self, race: Race | None) -> None:
         """Wait until the connection is open or failed, or until ``race`` is won elsewhere.
@@ -225,12 +218,7 @@ class Connection:
                     log.exception("%s: connecting failed", self.spec.label)
                     self.retire(UpstreamConnectError(f"{self.spec.label}: {exc!r}"))
                     return
-                self._writer = BatchWriter(
-                    stream.send_all,
-                    after_send=quickack_hook(stream),
-                    busy=self._has_other_queries,
-                    eager=round_saving_sender(stream),
-                )
+                self._writer = BatchWriter.over(stream, in_flight=self._queries_in_flight)
                 self._set_ready()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_loop, stream)
@@ -246,7 +234,7 @@ class Connection:
                     self._writer.messages,
                     self._writer.sends,
                 )
-                # The writer holds a method of ours (busy=): a cycle that would keep the
+                # The writer holds a method of ours (in_flight=): a cycle that would keep the
                 # closed stream and its buffers until a pass of the cyclic collector.
                 self._writer = None
             if stream is not None:

@@ -109,12 +109,19 @@ def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> Upstr
     return UpstreamConnectError(f"{spec.label}: connection lost during the TLS handshake")
 
 
-def quickack_hook(stream: trio.SSLStream[EagerSocketStream]) -> Callable[[], None] | None:
+def quickack_hook(stream: trio.abc.SendStream) -> Callable[[], None] | None:
+    """A function that sets TCP_QUICKACK on ``stream``'s socket, to call after each write; None
+    where there is no TCP socket to set it on (a stream that is not ours over TCP, a system
+    without the option)."""
     # Linux delays ACKs; a TLS 1.3 server that sends its session ticket first and then the
     # answer can sit ~40 ms on our delayed ACK. TCP_QUICKACK is not sticky, so it is set
     # again after each write.
     quickack = getattr(socket, "TCP_QUICKACK", None)
-    if quickack is None:
+    if (
+        quickack is None
+        or not isinstance(stream, trio.SSLStream)
+        or not isinstance(stream.transport_stream, EagerSocketStream)
+    ):
         return None
     sock = stream.transport_stream.socket
 
