@@ -19,7 +19,6 @@ from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame_with_id
 from dot_proxy.core.message import HEADER_SIZE, answer_matches, message_id
 from dot_proxy.errors import (
-    RaceLost,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
@@ -27,21 +26,17 @@ from dot_proxy.errors import (
     WireError,
     fresh,
 )
-from dot_proxy.upstream.race import Race
+from dot_proxy.upstream.race import Race, race_lost
 from dot_proxy.upstream.socket_stream import EagerSocketStream
 from dot_proxy.upstream.tls import open_tls
 from dot_proxy.upstream.trio_private import round_saving_drain
 from dot_proxy.upstream.writer import BatchWriter
 
-__all__ = ["Connection", "race_lost"]
+__all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 65536
-
-
-def race_lost(spec: UpstreamSpec) -> RaceLost:
-    return RaceLost(f"{spec.label}: another upstream answered first")
 
 
 class _Pending:
@@ -147,7 +142,7 @@ class Connection:
             return pending.answer
         if pending_map.get(wire_id) is pending:
             pending.abandoned = True  # its answer may come yet: keep the ID, drop the answer
-        raise fresh(pending.error) if pending.error else race_lost(self.spec)
+        raise fresh(pending.error) if pending.error else race_lost(self.spec.label)
 
     def failure(self) -> UpstreamError:
         """What to raise in a query that finds this connection closed: a copy of its error."""
@@ -165,7 +160,7 @@ class Connection:
         self._ready_races.append(race)
         while not self.ready.is_set():
             if race.answer is not None:
-                raise race_lost(self.spec)
+                raise race_lost(self.spec.label)
             await race.wait()
 
     def _set_ready(self) -> None:
