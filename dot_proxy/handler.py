@@ -69,8 +69,8 @@ class QueryHandler:
         try:
             # RFC 7858 / design: one deadline covers pool checkout, connect, handshake, send
             # and receive, retries and failover included.
-            with trio.move_on_after(self._timeout) as scope:
-                answer = await self._resolver.resolve(outgoing, query.question_key, scope.deadline)
+            with trio.move_on_after(self._timeout):
+                answer = await self._resolver.resolve(outgoing, query.question_key)
                 # RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT
                 # record we added for it is not the client's either.
                 answer = strip_padding(answer, remove_opt=added_opt, question_end=question_end)

@@ -183,8 +183,7 @@ class QueryPath:
                         for spec in config.upstreams
                     ]
                     resolver = UpstreamGroup(upstreams, config, nursery, rng=random.Random(0))
-                    nursery.start_soon(resolver.run_hedger)
-                    nursery.start_soon(resolver.run_prober)
+                    nursery.start_soon(resolver.run)
                     handler = QueryHandler(resolver, config, stats)
                     started = trio.current_time()
                     answer = await handler.answer(case.message, udp=case.udp)
