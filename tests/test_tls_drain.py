@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
-from dot_proxy.upstream import connection as connection_module
 from dot_proxy.upstream.pool import Upstream, open_upstreams
 from dot_proxy.upstream.trio_private import round_saving_drain
 from tests.fakes import answer_for, ask, tls_pair
@@ -157,7 +156,7 @@ class RoundCounter(trio.abc.Instrument):
 
 
 async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
-    ca: trustme.CA, ca_file: str, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+    ca: trustme.CA, ca_file: str, nursery: trio.Nursery
 ) -> None:
     # The point of the drain: 20 answers in 20 records, arriving in one read, wake their 20
     # queries together. One record per receive_some would take a round per answer.
@@ -176,7 +175,7 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
             await server.send_all(frame(answer_for(query)))  # one record each
         queries_in.set()
 
-    async def open_tls(_spec: object, _context: object) -> TLS:
+    async def connect(_spec: object) -> TLS:
         client_transport, server_transport = trio.testing.memory_stream_pair()
         corked.append(Corked(server_transport.send_stream))
         server_transport.send_stream = corked[0]  # type: ignore[assignment]
@@ -184,10 +183,12 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
         nursery.start_soon(upstream_side, server)
         return client
 
-    monkeypatch.setattr(connection_module, "open_tls", open_tls)
     answered: list[dns.message.Message] = []
     config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),), ca_file=ca_file)
-    async with open_upstreams(config) as [upstream], trio.open_nursery() as queries:
+    async with (
+        open_upstreams(config, connect=connect) as [upstream],
+        trio.open_nursery() as queries,
+    ):
         for index in range(burst):
             queries.start_soon(_ask_into, upstream, f"q{index}.drain.test.", answered)
         await queries_in.wait()

@@ -10,7 +10,6 @@ never in the query task that asked for it. A query's task waits for its answer i
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Callable
 
 import trio
@@ -27,8 +26,7 @@ from dot_proxy.errors import (
     fresh,
 )
 from dot_proxy.upstream.race import Race, race_lost
-from dot_proxy.upstream.socket_stream import EagerSocketStream
-from dot_proxy.upstream.tls import open_tls
+from dot_proxy.upstream.tls import Connect
 from dot_proxy.upstream.trio_private import round_saving_drain
 from dot_proxy.upstream.writer import BatchWriter
 
@@ -66,14 +64,14 @@ class Connection:
     def __init__(
         self,
         spec: UpstreamSpec,
-        ssl_context: ssl.SSLContext,
         config: Config,
         *,
+        connect: Connect,
         on_room: Callable[[], None],
         on_closed: Callable[[Connection], None],
     ) -> None:
         self.spec = spec
-        self._ssl_context = ssl_context
+        self._open_stream = connect
         self._max_pipeline = config.max_pipeline
         self._connect_timeout = config.connect_timeout
         self._stall_timeout = config.stall_timeout
@@ -197,7 +195,7 @@ class Connection:
 
     async def run(self) -> None:
         """Connect, then serve queries until retired. Never raises but Cancelled."""
-        stream: trio.SSLStream[EagerSocketStream] | None = None
+        stream: trio.abc.Stream | None = None
         try:
             with self._scope:
                 try:
@@ -235,14 +233,14 @@ class Connection:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
-    async def _connect(self) -> trio.SSLStream[EagerSocketStream]:
+    async def _connect(self) -> trio.abc.Stream:
         with trio.move_on_after(self._connect_timeout):
-            return await open_tls(self.spec, self._ssl_context)
+            return await self._open_stream(self.spec)
         raise UpstreamConnectError(
             f"{self.spec.label}: no TLS connection within {self._connect_timeout:g} s"
         )
 
-    async def _read_loop(self, stream: trio.SSLStream[EagerSocketStream]) -> None:
+    async def _read_loop(self, stream: trio.abc.Stream) -> None:
         decoder = FrameDecoder()
         label = self.spec.label
         # Every answer the last read brought in is dispatched before the next await: they

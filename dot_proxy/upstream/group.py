@@ -23,7 +23,7 @@ from dot_proxy.core.health import Health, Policy, order_upstreams
 from dot_proxy.core.message import Rcode
 from dot_proxy.errors import RaceLost, UpstreamError, fresh
 from dot_proxy.upstream.hedger import Hedger
-from dot_proxy.upstream.pool import Upstream, open_upstreams
+from dot_proxy.upstream.pool import Connect, Upstream, open_upstreams
 from dot_proxy.upstream.race import Race
 
 __all__ = ["UpstreamGroup", "open_upstream_group"]
@@ -286,12 +286,19 @@ class UpstreamGroup:
 
 
 @asynccontextmanager
-async def open_upstream_group(config: Config) -> AsyncIterator[UpstreamGroup]:
-    """Open the upstream pools and a resolver over them, with its background tasks."""
-    async with open_upstreams(config) as upstreams, trio.open_nursery() as nursery:
-        resolver = UpstreamGroup(upstreams, config, nursery)
-        nursery.start_soon(resolver.run)
+async def open_upstream_group(
+    config: Config, *, connect: Connect | None = None, rng: random.Random | None = None
+) -> AsyncIterator[UpstreamGroup]:
+    """Open the upstream pools (see :func:`~dot_proxy.upstream.pool.open_upstreams` for
+    ``connect``) and a group over them, with its background tasks. ``rng`` draws the
+    ``fastest`` policy's choices (seeded, a run can be replayed)."""
+    async with (
+        open_upstreams(config, connect=connect) as upstreams,
+        trio.open_nursery() as nursery,
+    ):
+        group = UpstreamGroup(upstreams, config, nursery, rng=rng)
+        nursery.start_soon(group.run)
         try:
-            yield resolver
+            yield group
         finally:
             nursery.cancel_scope.cancel()

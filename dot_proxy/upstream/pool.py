@@ -8,7 +8,6 @@ connection with room, and retries a query once when its connection closed under 
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -18,11 +17,11 @@ from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
 from dot_proxy.upstream.connection import Connection
 from dot_proxy.upstream.race import Race, race_lost
-from dot_proxy.upstream.tls import make_ssl_context
+from dot_proxy.upstream.tls import Connect, tls_connector
 from dot_proxy.upstream.trio_private import missing_internals
 from dot_proxy.upstream.waiting import Waiter, WaitLine
 
-__all__ = ["Upstream", "open_upstreams"]
+__all__ = ["Connect", "Upstream", "open_upstreams"]
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +34,10 @@ class Upstream:
     """
 
     def __init__(
-        self,
-        spec: UpstreamSpec,
-        ssl_context: ssl.SSLContext,
-        config: Config,
-        nursery: trio.Nursery,
+        self, spec: UpstreamSpec, config: Config, nursery: trio.Nursery, *, connect: Connect
     ) -> None:
         self.spec = spec
-        self._ssl_context = ssl_context
+        self._connect = connect
         self._config = config
         self._nursery = nursery
         self._connections: list[Connection] = []
@@ -99,8 +94,8 @@ class Upstream:
     def _open(self) -> Connection:
         connection = Connection(
             self.spec,
-            self._ssl_context,
             self._config,
+            connect=self._connect,
             on_room=self._room.wake_next,
             on_closed=self._forget,
         )
@@ -138,7 +133,7 @@ class Upstream:
     ) -> bytes:
         # The original design, kept for comparison in the benchmark: one connection per query.
         connection = Connection(
-            self.spec, self._ssl_context, self._config, on_room=_nothing, on_closed=_nothing
+            self.spec, self._config, connect=self._connect, on_room=_nothing, on_closed=_nothing
         )
         self._nursery.start_soon(connection.run)
         try:
@@ -155,25 +150,29 @@ def _nothing(*_args: object) -> None:
 
 
 @asynccontextmanager
-async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
+async def open_upstreams(
+    config: Config, *, connect: Connect | None = None
+) -> AsyncIterator[list[Upstream]]:
     """Open a pool per configured upstream; all their connections close on exit.
 
+    ``connect`` opens a connection's stream: by default TLS as configured
+    (:func:`~dot_proxy.upstream.tls.tls_connector`), after a look at whether this trio has what
+    :mod:`~dot_proxy.upstream.trio_private` needs (a warning if not); tests and the fuzz harness
+    pass their own.
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
-    if problems := missing_internals():
-        log.warning(
-            "trio %s: %s; upstream reads and writes take trio's public path, a scheduling "
-            "round slower each (dot-proxy is tested with the trio versions its package names)",
-            trio.__version__,
-            "; ".join(problems),
-        )
-    verified = make_ssl_context(ca_file=config.ca_file)
-    pins_only = make_ssl_context(ca_file=config.ca_file, pins_only=True)
+    if connect is None:
+        connect = tls_connector(config.ca_file)
+        if problems := missing_internals():
+            log.warning(
+                "trio %s: %s; upstream reads and writes take trio's public path, a scheduling "
+                "round slower each (dot-proxy is tested with the trio versions its package "
+                "names)",
+                trio.__version__,
+                "; ".join(problems),
+            )
     async with trio.open_nursery() as nursery:
         try:
-            yield [
-                Upstream(spec, verified if spec.check_name else pins_only, config, nursery)
-                for spec in config.upstreams
-            ]
+            yield [Upstream(spec, config, nursery, connect=connect) for spec in config.upstreams]
         finally:
             nursery.cancel_scope.cancel()

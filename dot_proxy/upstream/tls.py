@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 import trio
@@ -21,11 +21,17 @@ from dot_proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTLSErr
 from dot_proxy.upstream.socket_stream import EagerSocketStream
 
 __all__ = [
+    "Connect",
     "check_pins",
     "make_ssl_context",
     "open_tls",
     "quickack_hook",
+    "tls_connector",
 ]
+
+# How a pool opens a connection to an upstream: an authenticated stream, ready for queries, or
+# an UpstreamError. The proxy's is tls_connector's; tests and the fuzz harness pass their own.
+Connect = Callable[[UpstreamSpec], Awaitable[trio.abc.Stream]]
 
 
 def make_ssl_context(*, ca_file: str | None, pins_only: bool = False) -> ssl.SSLContext:
@@ -96,6 +102,18 @@ async def open_tls(
         await trio.aclose_forcefully(tcp)
         raise
     return stream
+
+
+def tls_connector(ca_file: str | None) -> Connect:
+    """:func:`open_tls` with the context each upstream needs: its name checked against the
+    trusted CAs, or (an upstream with pins and no name to check) its pins alone."""
+    verified = make_ssl_context(ca_file=ca_file)
+    pins_only = make_ssl_context(ca_file=ca_file, pins_only=True)
+
+    async def connect(spec: UpstreamSpec) -> trio.abc.Stream:
+        return await open_tls(spec, verified if spec.check_name else pins_only)
+
+    return connect
 
 
 def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> UpstreamError:
