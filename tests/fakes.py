@@ -19,9 +19,10 @@ import trio
 import trio.testing
 import trustme
 
-from dot_proxy.config import Config, parse_upstream
+from dot_proxy.config import Config, UpstreamSpec, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.core.message import parse_query
+from dot_proxy.errors import UpstreamConnectError
 from dot_proxy.upstream.pool import Upstream, open_upstreams
 from dot_proxy.upstream.trio_private import RoundSavingSender
 
@@ -467,3 +468,40 @@ async def hang_guard_fixture(nursery: trio.Nursery) -> None:
         raise AssertionError(f"the test was still waiting after {limit:g} s: it hung")
 
     nursery.start_soon(guard)
+
+
+# --- Upstreams without sockets, for the pools' connect seam (open_upstreams(connect=...)) -------
+
+
+class FakeConnect:
+    """The pools' ``connect``: refuses while ``refusing[port]``, else a memory-stream upstream
+    that answers every query at once with :func:`answer_for`.
+
+    ``attempts`` holds, per port, the (trio) time of every connection attempt.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.refusing: dict[int, bool] = {}
+        self.attempts: dict[int, list[float]] = {}
+
+    async def __call__(self, spec: UpstreamSpec) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        self.attempts.setdefault(spec.port, []).append(trio.current_time())
+        if self.refusing.get(spec.port, False):
+            raise UpstreamConnectError(f"{spec.label}: connect failed: refused (fake)")
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._answer_all, server)
+        return client
+
+    async def _answer_all(self, stream: trio.abc.Stream) -> None:
+        decoder = FrameDecoder()
+        try:
+            while data := await stream.receive_some(65536):
+                decoder.feed(data)
+                while (query := decoder.next_message()) is not NEED_DATA:
+                    await stream.send_all(frame(answer_for(query)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)

@@ -201,7 +201,9 @@ class Connection:
                 try:
                     stream = await self._connect()
                 except UpstreamError as exc:
-                    log.warning("%s", exc)
+                    # Not a warning: the queries on it fail with it, and the group logs an
+                    # upstream going down (and coming back) once, not per connection.
+                    log.debug("%s", exc)
                     self.retire(exc)
                     return
                 except Exception as exc:

@@ -22,6 +22,7 @@ from dot_proxy.config import Config
 from dot_proxy.core.health import Health, Policy, order_upstreams
 from dot_proxy.core.message import Rcode
 from dot_proxy.errors import RaceLost, UpstreamError, fresh
+from dot_proxy.upstream.health_log import HealthLog
 from dot_proxy.upstream.hedger import Hedger
 from dot_proxy.upstream.pool import Connect, Upstream, open_upstreams
 from dot_proxy.upstream.race import Race
@@ -38,6 +39,9 @@ PROBE_INTERVAL = 0.5
 PROBE_QUERY = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x02\x00\x01"
 PROBE_KEY = b"\x00\x00\x02\x00\x01"
 _ONLY_ONE = (0,)  # the order of a group of one upstream, for every query
+# Why an upstream is down, when it is not an error of its own.
+_TIMEOUTS = "no answer within the deadline, several times in a row"
+_SLOWER = "slower than the next upstream, several times in a row"
 
 
 class _Attempts(Race):
@@ -107,7 +111,7 @@ class UpstreamGroup:
             self._hedger = Hedger(
                 self._start_hedge, hedge_after=config.hedge_after, ceiling=config.timeout / 2
             )
-        self._quiet_until: dict[int, float] = {}
+        self._log = HealthLog([upstream.spec.label for upstream in upstreams])
 
     @property
     def upstreams(self) -> Sequence[Upstream]:
@@ -166,18 +170,24 @@ class UpstreamGroup:
             if index == race.order[0]:
                 # The hedged-against upstream was slower than its budget and than another.
                 lost_at = trio.current_time()
-                self._update_health(index, lambda health: health.record_lost_race(lost_at))
+                self._update_health(index, lambda health: health.record_lost_race(lost_at), _SLOWER)
             return race.answer
         except UpstreamError as exc:
             log.debug("%s", exc)
-            self._failed(index, trio.current_time(), timeout=False)
+            at = trio.current_time()
+            self._update_health(
+                index, lambda health: health.record_failure(at), self._why(index, exc)
+            )
             race.error = fresh(exc)  # not exc: its frames hold the race (see errors.fresh)
             return None
         except trio.Cancelled:
             # The query's deadline (or a shutdown), for its own attempt and for a hedge that
             # was still asking then; not a hedge that lost to an answer.
             if not race.finished or race.cancelled:
-                self._failed(index, trio.current_time(), timeout=True)
+                at = trio.current_time()
+                self._update_health(
+                    index, lambda health: health.record_failure(at, timeout=True), _TIMEOUTS
+                )
             raise
         finally:
             race.running -= 1
@@ -194,31 +204,29 @@ class UpstreamGroup:
         if answer[3] & 0x0F in SOFT_FAILURES:
             self.health[index].record_soft_failure()
             return False
-        finished = trio.current_time()
-        self.health[index].record_answer(finished, finished - started)
+        self._answered(index, started)
         return True
 
-    def _failed(self, index: int, at: float, *, timeout: bool) -> None:
-        self._update_health(index, lambda health: health.record_failure(at, timeout=timeout))
+    def _answered(self, index: int, started: float) -> None:
+        # Every answer, of a client query or of a probe, that shows the upstream is up.
+        health = self.health[index]
+        finished = trio.current_time()
+        was_down = health.down
+        health.record_answer(finished, finished - started)
+        if was_down:
+            self._log.came_back(index, finished)
 
-    def _update_health(self, index: int, change: Callable[[Health], None]) -> None:
-        was_down = self.health[index].down
-        change(self.health[index])
-        if self.health[index].down and not was_down:
-            self._log_down(index)
+    def _update_health(self, index: int, change: Callable[[Health], None], why: str) -> None:
+        # Every failure, of a client query or of a probe.
+        health = self.health[index]
+        was_down = health.down
+        change(health)
+        if health.down and not was_down:
+            self._log.went_down(index, trio.current_time(), why, probe_in=health.backoff)
 
-    def _log_down(self, index: int) -> None:
-        # An upstream that flaps (late answers from before it froze mark it up again) would
-        # fill the log: say it once a minute at most.
-        now = trio.current_time()
-        if now < self._quiet_until.get(index, float("-inf")):
-            return
-        self._quiet_until[index] = now + 60.0
-        log.warning(
-            "%s is down; probing it again in %g s",
-            self._upstreams[index].spec.label,
-            self.health[index].backoff,
-        )
+    def _why(self, index: int, error: UpstreamError) -> str:
+        # The error's message without the upstream's label: the log line starts with it.
+        return str(error).removeprefix(f"{self._upstreams[index].spec.label}: ")
 
     # --- hedging ---------------------------------------------------------------------------
 
@@ -265,24 +273,31 @@ class UpstreamGroup:
                 if health.probe_due(now) and index not in probing:
                     probing.add(index)
                     self._nursery.start_soon(self._probe, index, probing)
+                probe_in = max(0.0, health.next_probe - now)
+                self._log.tick(index, now, down=health.down, probe_in=probe_in)
             await trio.sleep(PROBE_INTERVAL)
 
     async def _probe(self, index: int, probing: set[int]) -> None:
-        upstream, health = self._upstreams[index], self.health[index]
+        # Any DNS answer, even SERVFAIL or REFUSED, shows the upstream is up again.
         started = trio.current_time()
+        why = f"no answer to a probe within {self._probe_deadline:g} s"
         try:
             with trio.move_on_after(self._probe_deadline):
-                await upstream.query(PROBE_QUERY, PROBE_KEY)
-                now = trio.current_time()
-                health.record_answer(now, now - started)
-                log.warning("%s answers again", upstream.spec.label)
+                await self._upstreams[index].query(PROBE_QUERY, PROBE_KEY)
+                self._answered(index, started)
                 return
-            health.record_failure(trio.current_time())
         except UpstreamError as exc:
-            log.debug("probe: %s", exc)
-            health.record_failure(trio.current_time())
+            why = self._why(index, exc)
         finally:
             probing.discard(index)
+        at = trio.current_time()
+        self._update_health(index, lambda health: health.record_probe_failure(at), why)
+        log.debug(
+            "probe of %s failed (%s); next in %g s",
+            self._upstreams[index].spec.label,
+            why,
+            self.health[index].backoff,
+        )
 
 
 @asynccontextmanager
