@@ -46,7 +46,7 @@ class _Pending:
         self.key = key
         self.race = race
         self.answer: bytes | None = None
-        self.error: UpstreamError | None = None
+        self.error: UpstreamError | None = None  # kept (the connection's): through errors.fresh
         # A query whose task gave up keeps its ID reserved until the answer comes, so that a
         # late answer can never be taken for the answer to a later query with the same ID.
         self.abandoned = False
@@ -83,7 +83,7 @@ class Connection:
         self._on_closed = on_closed
         self.ready = trio.Event()
         self._ready_races: list[Race] = []
-        self.error: UpstreamError | None = None
+        self.error: UpstreamError | None = None  # kept: through errors.fresh
         self.closed = False
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
@@ -313,9 +313,9 @@ class Connection:
         # retired, so its queries are retried elsewhere well within their deadline. That holds
         # only for a connection that has answered before: on one that never has (fresh, or the
         # retry's), silence is a slow resolver (seconds on a cold name) or a hung one, and
-        # another connection would not answer sooner, so it waits out its queries' deadline
-        # (issue 2: an answer within the deadline reaches the client; a hang is SERVFAIL at the
-        # deadline). An idle one is closed.
+        # another connection would not answer sooner, so it waits out its queries' deadline:
+        # an answer that comes within the deadline reaches the client, and a hang is SERVFAIL
+        # at the deadline. An idle one is closed.
         tick = min(self._stall_timeout, self._idle_timeout) / 4
         while True:
             await trio.sleep(tick)

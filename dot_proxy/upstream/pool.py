@@ -131,7 +131,8 @@ class Upstream:
     async def _query_on_own_connection(
         self, message: bytes, key: bytes, race: Race | None
     ) -> bytes:
-        # The original design, kept for comparison in the benchmark: one connection per query.
+        # --no-reuse: a connection of its own per query, closed once the query is done (RFC
+        # 7858 §3.4's reuse and pipelining switched off).
         connection = Connection(
             self.spec, self._config, connect=self._connect, on_room=_nothing, on_closed=_nothing
         )
