@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from dot_proxy.config import Config
-from dot_proxy.core.health import Health, Policy, order_upstreams
+from dot_proxy.core.health import TIMEOUTS_TO_DOWN, Health, Policy, order_upstreams
 from dot_proxy.core.message import Rcode
 from dot_proxy.errors import RaceLost, UpstreamError, fresh
 from dot_proxy.upstream.health_log import HealthLog
@@ -34,14 +34,15 @@ log = logging.getLogger(__name__)
 # An answer with these codes says the upstream could not resolve the name right now; another
 # upstream may (dnsproxy #257). If every upstream says so, the last such answer is passed on.
 SOFT_FAILURES = frozenset({Rcode.SERVFAIL, Rcode.REFUSED})
+# How often the prober looks for a probe that is due: a probe starts at most this late.
 PROBE_INTERVAL = 0.5
 # ". IN NS" with RD set: any DNS answer to it, even REFUSED, shows the upstream is alive.
 PROBE_QUERY = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x02\x00\x01"
 PROBE_KEY = b"\x00\x00\x02\x00\x01"
 _ONLY_ONE = (0,)  # the order of a group of one upstream, for every query
 # Why an upstream is down, when it is not an error of its own.
-_TIMEOUTS = "no answer within the deadline, several times in a row"
-_SLOWER = "slower than the next upstream, several times in a row"
+_TIMEOUTS = f"no answer within the deadline {TIMEOUTS_TO_DOWN} times in a row"
+_SLOWER = f"slower than the next upstream {TIMEOUTS_TO_DOWN} times in a row"
 
 
 class _Attempts(Race):
