@@ -64,6 +64,7 @@ async def test_turns_go_first_come_first_served_one_at_a_time(nursery: trio.Nurs
     await trio.testing.wait_all_tasks_blocked()
     assert queue.woken == [("a", True)]
     queue.line.wake_next()
+    await trio.testing.wait_all_tasks_blocked()
     queue.line.wake_next()
     await trio.testing.wait_all_tasks_blocked()
     assert queue.woken == [("a", True), ("b", True), ("c", True)]
