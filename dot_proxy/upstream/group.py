@@ -62,11 +62,11 @@ class _Attempts(Race):
     )
 
     def __init__(self, message: bytes, key: bytes, order: Sequence[int]) -> None:
-        super().__init__()
+        Race.__init__(self)  # not super(): this is made per query
         self.message = message
         self.key = key
         self.order = order
-        self.claimed = 0
+        self.claimed = 1  # the first upstream: the query's own task asks it
         self.running = 0
         self.fallback: bytes | None = None
         self.error: UpstreamError | None = None  # kept: through errors.fresh
@@ -137,10 +137,12 @@ class UpstreamGroup:
             now = trio.current_time()
             if self._hedger is not None:
                 self._hedger.watch(race, self.health[order[0]], now)
-            while (index := race.claim()) is not None:
+            index: int | None = order[0]
+            while index is not None:
                 answer = await self._attempt(index, race, now)
                 if answer is not None:
                     return answer
+                index = race.claim()
                 now = trio.current_time()  # the next upstream's attempt starts now
             while race.answer is None and race.running:
                 await race.wait()  # a hedge is still asking the last upstreams
@@ -193,20 +195,15 @@ class UpstreamGroup:
         finally:
             race.running -= 1
             race.wake()
-        if not self._record_answer(index, answer, started):
+        if answer[3] & 0x0F in SOFT_FAILURES:
+            # SERVFAIL or REFUSED: alive, but another upstream may do better (dnsproxy #257).
+            self.health[index].record_soft_failure()
             race.fallback = answer
             return None
+        self._answered(index, started)
         if race.answer is None:
             race.answer = answer
         return race.answer
-
-    def _record_answer(self, index: int, answer: bytes, started: float) -> bool:
-        """Count an upstream's answer in its health; False for a soft failure."""
-        if answer[3] & 0x0F in SOFT_FAILURES:
-            self.health[index].record_soft_failure()
-            return False
-        self._answered(index, started)
-        return True
 
     def _answered(self, index: int, started: float) -> None:
         # Every answer, of a client query or of a probe, that shows the upstream is up.

@@ -22,7 +22,7 @@ class Race(Waiter):
     __slots__ = ("answer",)
 
     def __init__(self) -> None:
-        super().__init__()
+        Waiter.__init__(self)  # not super(): a race is made per query
         self.answer: bytes | None = None
 
 
