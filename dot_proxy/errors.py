@@ -1,6 +1,18 @@
-"""The exception tree: one root, translated once at each boundary."""
+"""The exception tree: one root, translated once at each boundary.
+
+A rule for every contributor: **an exception that is kept, stored in an object to be raised
+later (a connection's error, the one a retired connection hands its queries, a race's, a
+writer's), goes through** :func:`fresh` **where it is stored and where it is raised.** The
+proxy runs the cyclic garbage collector rarely (``cli.GC_THRESHOLDS``), because answering
+makes no reference cycles; a kept exception raised as is would make one per raise (its
+traceback holds the raising frame, and the frame holds the object that keeps the exception),
+and failing queries would pile memory up until the next full pass. ``tests/test_no_cycles.py``
+fails when a failure path leaves a cycle of ours.
+"""
 
 from __future__ import annotations
+
+from typing import TypeVar
 
 __all__ = [
     "ConfigError",
@@ -63,13 +75,16 @@ class RaceLost(UpstreamError):
     """Another attempt at the same query answered first; its answer is in ``race.answer``."""
 
 
-def fresh(error: UpstreamError) -> UpstreamError:
+_Kept = TypeVar("_Kept", bound=BaseException)
+
+
+def fresh(error: _Kept) -> _Kept:
     """A new error of the same type and message, with no traceback, cause or context.
 
-    For an error kept to be raised later (a connection's, the one a retired connection hands
-    its queries, a race's): it is stored as a copy, and raised as one. Raising one object in
-    the tasks of many queries strings each raising frame onto its traceback, and frames that
-    hold the object make reference cycles that only the cyclic collector frees, and that
-    late (cli.GC_THRESHOLDS).
+    For an error kept to be raised later (see the module's docstring): it is stored as a copy,
+    and raised as one. Raising one object in the tasks of many queries strings each raising
+    frame onto its traceback, and frames that hold the object make reference cycles that only
+    the cyclic collector frees, and that late (cli.GC_THRESHOLDS). Only for errors built from
+    their message alone (ours but :class:`WireError`, and trio's).
     """
     return type(error)(*error.args)

@@ -1,15 +1,14 @@
 """Fake DoT upstreams for the fuzz target: byte pipes in memory, answers from dnspython.
 
-A :class:`FakeNetwork` stands in for ``dot_proxy.upstream.connection.open_tls``: each connection the
-pool opens gets one end of ``trio.testing.memory_stream_pair()``, and a task serving the other end
-does what the upstream's :class:`Mode` says, query by query. Everything it sends is kept in
-``FakeNetwork.sent`` for the invariants (fuzz/invariants.py).
+A :class:`FakeNetwork` is the pools' ``connect`` (``open_upstreams(config, connect=...)``): each
+connection a pool opens gets one end of ``trio.testing.memory_stream_pair()``, and a task serving
+the other end does what the upstream's :class:`Mode` says, query by query. Everything it sends is
+kept in ``FakeNetwork.sent`` for the invariants (fuzz/invariants.py).
 """
 
 from __future__ import annotations
 
 import enum
-import ssl
 import struct
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -152,7 +151,7 @@ def parses(wire: bytes) -> bool:
 
 @dataclass
 class FakeNetwork:
-    """The fake upstreams of one run, reached through the swapped ``open_tls``."""
+    """The fake upstreams of one run, reached through :meth:`connect`."""
 
     modes: tuple[Mode, ...]
     nursery: trio.Nursery
@@ -160,8 +159,8 @@ class FakeNetwork:
     # Every answer made, whether the mode then sends it whole, cut, late or not at all.
     sent: list[bytes] = field(default_factory=list)
 
-    async def open_tls(self, spec: UpstreamSpec, _context: ssl.SSLContext) -> trio.abc.Stream:
-        """Stands in for ``dot_proxy.upstream.connection.open_tls``: same errors, no socket."""
+    async def connect(self, spec: UpstreamSpec) -> trio.abc.Stream:
+        """Stands in for the proxy's TLS connect (``tls.open_tls``): same errors, no socket."""
         mode = self.modes[self.ports[spec.port]]
         await trio.lowlevel.checkpoint()
         if mode is Mode.CONNECT_REFUSED:

@@ -3,15 +3,16 @@
 Shared by the atheris target (``fuzz/fuzz_query_path.py``) and the corpus replay under pytest
 (``tests/test_fuzz_corpus.py``); nothing here imports atheris.
 
-What runs is the real stack: ``QueryHandler`` over a real ``UpstreamGroup`` (hedger and prober
-running) over real ``Upstream`` pools and ``Connection`` objects. Only the byte pipe under a
-connection is fake: ``dot_proxy.upstream.connection.open_tls`` is swapped, for the length of one
-run, for a function that hands the connection one end of ``trio.testing.memory_stream_pair()`` and
-serves the other end with a fake upstream that answers through dnspython (fuzz/fake_upstreams.py).
-No TLS runs on that pipe: TLS is OpenSSL's and trio's byte layer, whose choices other tests pin down
-(trustme over memory streams, tests/test_upstream_*.py); a handshake per input would cost most of
-each run and find nothing in dot-proxy. Time is trio's ``MockClock`` with autojump, so a hanging
-upstream reaches the five-second deadline at once.
+What runs is the real stack: ``QueryHandler`` over the ``UpstreamGroup`` that
+``open_upstream_group`` builds (hedger and prober running) over real ``Upstream`` pools and
+``Connection`` objects. Only the byte pipe under a connection is fake: the pools connect with
+``open_upstream_group(config, connect=...)`` through a function that hands each connection one end
+of ``trio.testing.memory_stream_pair()`` and serves the other end with a fake upstream that answers
+through dnspython (fuzz/fake_upstreams.py). No TLS runs on that pipe: TLS is OpenSSL's and trio's
+byte layer, whose choices other tests pin down (trustme over memory streams,
+tests/test_upstream_*.py); a handshake per input would cost most of each run and find nothing in
+dot-proxy. Time is trio's ``MockClock`` with autojump, so a hanging upstream reaches the
+five-second deadline at once.
 
 An input is three control bytes, then the client's message (fuzz/cases.py);
 fuzz/invariants.py says what must hold. :func:`run_input` runs one input and checks it.
@@ -21,12 +22,9 @@ from __future__ import annotations
 
 import queue
 import random
-import ssl
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Final, Self, TypeVar
-from unittest import mock
 
 import outcome
 import trio
@@ -36,9 +34,7 @@ from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.core.cache import AnswerCache
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.resolver import Resolver
-from dot_proxy.upstream import connection as connection_module
-from dot_proxy.upstream.group import UpstreamGroup
-from dot_proxy.upstream.pool import Upstream
+from dot_proxy.upstream.group import open_upstream_group
 from fuzz.cases import CONTROL_SIZE, Case, decode, encode
 from fuzz.fake_upstreams import FakeNetwork, Mode
 from fuzz.invariants import TIMEOUT, InvariantViolation, Outcome, check
@@ -60,11 +56,6 @@ __all__ = [
 # The whole run, shutdown included, in virtual time: a stack that does not wind down within
 # this is a hang, reported as trio.TooSlowError.
 RUN_GUARD: Final = 60.0
-
-
-def _no_quickack(_stream: object) -> None:
-    # TCP_QUICKACK needs a TCP socket; the fake pipe has none.
-    return None
 
 
 T = TypeVar("T")
@@ -150,8 +141,6 @@ class QueryPath:
     def __init__(self, pump: TrioPump | None = None) -> None:
         self._pump = pump
         self._configs: dict[tuple[int, bool, str, float | None], Config] = {}
-        # Never used to handshake (open_tls is swapped); Upstream only stores it.
-        self._ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
     def config(self, case: Case) -> Config:
         """The proxy's configuration for ``case``, built once per distinct shape."""
@@ -183,15 +172,9 @@ class QueryPath:
             async with trio.open_nursery() as nursery:
                 network = FakeNetwork(case.modes, nursery)
                 network.ports = {spec.port: i for i, spec in enumerate(config.upstreams)}
-                with _swapped_open_tls(network):
-                    # What open_upstream_group builds, minus the real TLS contexts and sockets.
-                    upstreams = [
-                        Upstream(spec, self._ssl_context, config, nursery)
-                        for spec in config.upstreams
-                    ]
-                    group = UpstreamGroup(upstreams, config, nursery, rng=random.Random(0))
-                    nursery.start_soon(group.run_hedger)
-                    nursery.start_soon(group.run_prober)
+                async with open_upstream_group(
+                    config, connect=network.connect, rng=random.Random(0)
+                ) as group:
                     # The cache is on, as by default: every answer the fake upstreams make up
                     # goes through the cache's store too.
                     cache = AnswerCache(size=config.cache_size)
@@ -199,19 +182,8 @@ class QueryPath:
                     started = trio.current_time()
                     answer = await handler.answer_message(case.message, started, udp=case.udp)
                     elapsed = trio.current_time() - started
-                    nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
         return Outcome(answer, elapsed, stats, tuple(network.sent))
-
-
-@contextmanager
-def _swapped_open_tls(network: FakeNetwork) -> Iterator[None]:
-    # Connection._connect and Connection.run look these names up in dot_proxy.upstream.connection at
-    # call time: swapping them is the one seam needed to run the pool over memory streams.
-    with (
-        mock.patch.object(connection_module, "open_tls", network.open_tls),
-        mock.patch.object(connection_module, "quickack_hook", _no_quickack),
-    ):
-        yield
 
 
 def run_input(path: QueryPath, data: bytes) -> Outcome | None:

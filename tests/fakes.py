@@ -19,11 +19,12 @@ import trio
 import trio.testing
 import trustme
 
-from dot_proxy.config import Config, parse_upstream
+from dot_proxy.config import Config, UpstreamSpec, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.core.message import parse_query
+from dot_proxy.errors import UpstreamConnectError
 from dot_proxy.upstream.pool import Upstream, open_upstreams
-from dot_proxy.upstream.trio_private import EagerSender
+from dot_proxy.upstream.trio_private import RoundSavingSender
 
 AUTH_NAME = "dns.test"
 
@@ -410,8 +411,8 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 30.0) -> 
 
 @dataclass(frozen=True)
 class TlsWrite:
-    """One write to a TLS stream: which task made it, on which side, how many bytes, and
-    whether it went through ``SSLStream.send_all`` or at once (``EagerSender.send_nowait``)."""
+    """One write to a TLS stream: which task made it, on which side, how many bytes, and whether
+    it went through ``SSLStream.send_all`` or at once (``RoundSavingSender.send_nowait``)."""
 
     task: trio.lowlevel.Task
     server_side: bool
@@ -423,18 +424,55 @@ def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
     """Record every ``trio.SSLStream.send_all`` call and every eager send from now on."""
     writes: list[TlsWrite] = []
     original = trio.SSLStream.send_all
-    original_nowait = EagerSender.send_nowait
+    original_nowait = RoundSavingSender.send_nowait
 
     async def send_all(self: trio.SSLStream[Any], data: bytes | bytearray | memoryview) -> None:
         writes.append(TlsWrite(trio.lowlevel.current_task(), bool(self.server_side), len(data)))
         await original(self, data)
 
-    def send_nowait(self: EagerSender, data: bytes) -> memoryview | None:
+    def send_nowait(self: RoundSavingSender, data: bytes) -> memoryview | None:
         rest = original_nowait(self, data)
         if rest is not None:
             writes.append(TlsWrite(trio.lowlevel.current_task(), False, len(data), eager=True))
         return rest
 
     monkeypatch.setattr(trio.SSLStream, "send_all", send_all)
-    monkeypatch.setattr(EagerSender, "send_nowait", send_nowait)
+    monkeypatch.setattr(RoundSavingSender, "send_nowait", send_nowait)
     return writes
+
+
+# --- Upstreams without sockets, for the pools' connect seam (open_upstreams(connect=...)) -------
+
+
+class FakeConnect:
+    """The pools' ``connect``: refuses while ``refusing[port]``, else a memory-stream upstream
+    that answers every query at once with :func:`answer_for`.
+
+    ``attempts`` holds, per port, the (trio) time of every connection attempt.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.refusing: dict[int, bool] = {}
+        self.attempts: dict[int, list[float]] = {}
+
+    async def __call__(self, spec: UpstreamSpec) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        self.attempts.setdefault(spec.port, []).append(trio.current_time())
+        if self.refusing.get(spec.port, False):
+            raise UpstreamConnectError(f"{spec.label}: connect failed: refused (fake)")
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._answer_all, server)
+        return client
+
+    async def _answer_all(self, stream: trio.abc.Stream) -> None:
+        decoder = FrameDecoder()
+        try:
+            while data := await stream.receive_some(65536):
+                decoder.feed(data)
+                while (query := decoder.next_message()) is not NEED_DATA:
+                    await stream.send_all(frame(answer_for(query)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)

@@ -1,9 +1,10 @@
-"""BatchWriter: a burst in one send, and a message alone without the scheduling rounds.
+"""BatchWriter.send: a burst in one send, and a message alone without the scheduling rounds.
 
-Covered: under load a burst goes out in one ``send_all`` after the writer's extra round; a
-message alone at the writer's wake-up goes through the eager sender, and leaves the writer
-quiet; on a quiet writer ``send_alone`` sends from the caller's task without a round, falls back
-to the queue when the stream is busy, and a failure or a cancel mid-send surfaces from ``run``;
+Covered: under load a burst goes out in one ``send_all`` after the writer's extra round, and
+the writer turns quiet only once it finds a message alone; a message alone at the writer's
+wake-up goes through the eager sender, and leaves the writer quiet; on a quiet writer ``send``
+sends from the caller's task without a round, queues when the stream is busy or another query
+is in flight, and a failure or a cancel mid-send surfaces from ``run``, never from ``send``;
 and in the pool, a lone query on a quiet connection never wakes the connection's writer.
 """
 
@@ -62,10 +63,8 @@ class Rig:
     def __init__(self, *, busy: bool) -> None:
         self.plain = Plain()
         self.eager = FakeEager()
-        self.busy = busy
-        self.writer = BatchWriter(
-            self.plain.send_all, busy=lambda _queued: self.busy, eager=self.eager
-        )
+        self.in_flight = 10 if busy else 1  # the owner's queries sent or queued, unanswered
+        self.writer = BatchWriter(self.plain.send_all, self.eager, in_flight=lambda: self.in_flight)
 
 
 @pytest.fixture
@@ -73,7 +72,7 @@ async def quiet_rig(nursery: trio.Nursery) -> AsyncIterator[Rig]:
     rig = Rig(busy=False)
     nursery.start_soon(rig.writer.run)
     await trio.testing.wait_all_tasks_blocked()
-    rig.writer.write_nowait(b"first")
+    await rig.writer.send(b"first")  # queued: the writer has not found one alone yet
     await trio.testing.wait_all_tasks_blocked()
     yield rig
 
@@ -85,11 +84,19 @@ async def test_under_load_a_burst_goes_in_one_send_all_and_the_writer_is_not_qui
     nursery.start_soon(rig.writer.run)
     await trio.testing.wait_all_tasks_blocked()
     for data in (b"a", b"b", b"c"):
-        rig.writer.write_nowait(data)
+        await rig.writer.send(data)
     await trio.testing.wait_all_tasks_blocked()
     assert rig.plain.sent == [b"abc"]
     assert rig.eager.sent == []
-    assert not rig.writer.quiet
+    # The load is gone, but the writer has not seen that yet: the next message goes through
+    # it, which finds it alone, sends it eagerly, and from then on lets messages skip it.
+    rig.in_flight = 1
+    await rig.writer.send(b"d")
+    assert rig.eager.sent == []
+    await trio.testing.wait_all_tasks_blocked()
+    assert rig.eager.sent == [("send_all", b"d")]
+    await rig.writer.send(b"e")
+    assert rig.eager.sent[-1] == ("nowait", b"e")
 
 
 async def test_a_message_alone_at_the_wake_up_goes_eagerly_and_the_writer_is_quiet(
@@ -97,10 +104,11 @@ async def test_a_message_alone_at_the_wake_up_goes_eagerly_and_the_writer_is_qui
 ) -> None:
     assert quiet_rig.eager.sent == [("send_all", b"first")]
     assert quiet_rig.plain.sent == []
-    assert quiet_rig.writer.quiet
+    await quiet_rig.writer.send(b"next")
+    assert quiet_rig.eager.sent[-1] == ("nowait", b"next")
 
 
-async def test_send_alone_on_a_quiet_writer_sends_from_the_caller_without_a_round(
+async def test_send_on_a_quiet_writer_sends_from_the_caller_without_a_round(
     quiet_rig: Rig, nursery: trio.Nursery
 ) -> None:
     others_ran = False
@@ -110,22 +118,30 @@ async def test_send_alone_on_a_quiet_writer_sends_from_the_caller_without_a_roun
         others_ran = True
 
     nursery.start_soon(other)
-    await quiet_rig.writer.send_alone(b"second")
+    await quiet_rig.writer.send(b"second")
     assert not others_ran
     assert quiet_rig.eager.sent[-1] == ("nowait", b"second")
     assert (quiet_rig.writer.messages, quiet_rig.writer.sends) == (2, 2)
 
 
-async def test_send_alone_queues_when_the_stream_is_busy_sending(quiet_rig: Rig) -> None:
+async def test_send_queues_when_the_stream_is_busy_sending(quiet_rig: Rig) -> None:
     quiet_rig.eager.nowait = None  # the stream's send lock is held
-    await quiet_rig.writer.send_alone(b"second")
+    await quiet_rig.writer.send(b"second")
     await trio.testing.wait_all_tasks_blocked()
     assert quiet_rig.eager.sent[-1] == ("send_all", b"second")  # by the writer, in turn
 
 
+async def test_send_queues_when_another_query_is_in_flight(quiet_rig: Rig) -> None:
+    quiet_rig.in_flight = 2  # one more than this message: its answer may come with company
+    await quiet_rig.writer.send(b"second")
+    assert quiet_rig.eager.sent == [("send_all", b"first")]
+    await trio.testing.wait_all_tasks_blocked()
+    assert quiet_rig.plain.sent == [b"second"]  # by the writer, after its round
+
+
 async def test_what_the_kernel_left_over_is_finished_by_the_caller(quiet_rig: Rig) -> None:
     quiet_rig.eager.nowait = memoryview(b"nd")
-    await quiet_rig.writer.send_alone(b"second")
+    await quiet_rig.writer.send(b"second")
     assert quiet_rig.eager.sent[-2:] == [("nowait", b"second"), ("finish", b"nd")]
 
 
@@ -133,11 +149,12 @@ async def _send_second_alone(rig: Rig, trouble: Callable[[FakeEager], None]) -> 
     # The writer runs and goes quiet; then ``trouble`` hits the second message's send.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rig.writer.run)
-        rig.writer.write_nowait(b"first")
+        await trio.testing.wait_all_tasks_blocked()
+        await rig.writer.send(b"first")  # the writer, parked, wakes to find it alone
         await trio.testing.wait_all_tasks_blocked()
         trouble(rig.eager)
         with trio.move_on_after(1):
-            await rig.writer.send_alone(b"second")  # returns (or is cancelled); run raises
+            await rig.writer.send(b"second")  # returns (or is cancelled); run raises
 
 
 def _reset(eager: FakeEager) -> None:
@@ -153,10 +170,10 @@ def _reset_mid_rest(eager: FakeEager) -> None:
 
 
 @pytest.mark.parametrize("trouble", [_reset, _reset_mid_rest], ids=["at-once", "mid-rest"])
-async def test_a_failed_eager_send_is_raised_by_run_not_by_send_alone(
+async def test_a_failed_eager_send_is_raised_by_run_not_by_send(
     trouble: Callable[[FakeEager], None],
 ) -> None:
-    # send_alone returns (inside _send_second_alone): the query waits, and the owner, told by
+    # send returns (inside _send_second_alone): the query waits, and the owner, told by
     # run, retires the stream and fails it as one that broke, to be retried elsewhere.
     with pytest.RaisesGroup(pytest.RaisesExc(trio.BrokenResourceError, match="^reset$")):
         await _send_second_alone(Rig(busy=False), trouble)

@@ -139,26 +139,57 @@ def test_a_refused_connection_or_tls_failure_marks_down_at_once() -> None:
 
 def test_backoff_doubles_from_one_second_to_the_cap_of_five_minutes() -> None:
     health = Health()
+    health.record_failure(0.0)
     now = 0.0
-    backoffs = []
-    for _ in range(12):
-        health.record_failure(now)
+    backoffs = [health.backoff]
+    for _ in range(11):
+        now = health.next_probe  # the probe, when it is due, fails again
+        health.record_probe_failure(now)
         backoffs.append(health.backoff)
         assert health.next_probe == now + health.backoff
-        now = health.next_probe  # the probe fails again when it is due
     assert backoffs == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
     assert BACKOFF_CAP == 300.0
 
 
-@given(st.integers(min_value=1, max_value=60), times)
-def test_backoff_is_bounded_and_never_shrinks_while_down(failures: int, start: float) -> None:
+@given(st.lists(st.booleans(), min_size=1, max_size=60), times)
+def test_backoff_is_bounded_and_never_shrinks_while_down(probes: list[bool], start: float) -> None:
     health = Health()
     previous = 0.0
-    for step in range(failures):
-        health.record_failure(start + step)
+    for step, probe in enumerate(probes):
+        if probe:
+            health.record_probe_failure(start + step)
+        else:
+            health.record_failure(start + step)
         assert previous <= health.backoff <= BACKOFF_CAP
         previous = health.backoff
     assert health.down
+
+
+def test_a_query_failing_on_a_down_upstream_moves_no_probe() -> None:
+    # Issue 17: client queries that tried a down upstream as a last resort each doubled the
+    # backoff and pushed the probe back; under steady traffic the probes stopped.
+    health = Health()
+    health.record_failure(0.0)
+    health.record_probe_failure(1.0)
+    assert (health.backoff, health.next_probe) == (2.0, 3.0)
+    for step in range(1, 20):
+        health.record_failure(1.0 + step / 10, timeout=step % 2 == 0)
+    assert (health.backoff, health.next_probe) == (2.0, 3.0)
+    assert health.probe_due(3.0)
+    assert health.last_failure == 2.9  # the latest, to order the down upstreams by
+    assert health.failures == 21
+    health.record_lost_race(2.95)
+    assert (health.backoff, health.next_probe) == (2.0, 3.0)
+
+
+def test_a_probe_that_fails_after_a_query_found_the_upstream_back_marks_it_down_anew() -> None:
+    health = Health()
+    health.record_failure(0.0)
+    health.record_probe_failure(1.0)
+    health.record_answer(1.5, 0.01)  # a client query found it back
+    health.record_probe_failure(1.6)  # the probe in flight then fails
+    assert health.down
+    assert (health.backoff, health.next_probe) == (1.0, 2.6)
 
 
 def test_probe_is_due_only_when_down_and_the_backoff_has_passed() -> None:
@@ -202,8 +233,9 @@ def test_an_answer_between_timeouts_breaks_the_run() -> None:
 
 def test_success_resets_failures_and_backoff() -> None:
     health = Health()
-    for step in range(5):
-        health.record_failure(float(step))
+    health.record_failure(0.0)
+    for step in range(1, 5):
+        health.record_probe_failure(float(step))
     assert health.backoff == 16.0
     health.record_answer(20.0, 0.03)
     assert not health.down

@@ -141,3 +141,12 @@ def test_pure_modules_do_not_import_trio() -> None:
         "assert not bad and not shell, (bad, shell)"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_group_talks_to_the_pools_only() -> None:
+    # The group's policy (failover, hedging, probing) sees each upstream as a pool: it never
+    # reaches past one to a connection, its writer or its TLS.
+    below_the_pool = {"connection", "writer", "tls", "trio_private", "socket_stream"}
+    imported = imports_of(PACKAGE / "upstream" / "group.py")
+    reached = {name.removeprefix("dot_proxy.upstream.") for name in imported}
+    assert not reached & below_the_pool

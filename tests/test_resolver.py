@@ -25,7 +25,8 @@ import trustme
 
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.health import TIMEOUTS_TO_DOWN
-from dot_proxy.upstream.group import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL
+from dot_proxy.upstream.group import PROBE_INTERVAL
+from dot_proxy.upstream.hedger import HEDGE_FLOOR, RESOLUTION
 from dot_proxy.upstream.race import Race
 from tests.clients import query, udp_exchange
 from tests.conftest import RunningProxy, StartProxy, StartUpstream
@@ -470,7 +471,7 @@ async def test_under_load_hedges_due_close_together_start_together(
         asked_at = trio.current_time()
         answer, elapsed = await ask(proxy, f"slow{index}")
         assert address(answer) == B
-        assert HEDGE_FLOOR - 1e-9 <= elapsed <= HEDGE_FLOOR + HEDGER_RESOLUTION + 1e-9
+        assert HEDGE_FLOOR - 1e-9 <= elapsed <= HEDGE_FLOOR + RESOLUTION + 1e-9
         answered_at.append(asked_at + elapsed)
 
     async with trio.open_nursery() as clients:
@@ -478,7 +479,7 @@ async def test_under_load_hedges_due_close_together_start_together(
             clients.start_soon(slow, index)
     # 20 ms of hedges: a handful of wake-ups (four at 5 ms resolution), not twenty.
     wake_ups = {round(at, 6) for at in answered_at}
-    assert len(wake_ups) <= 0.020 / HEDGER_RESOLUTION + 1 < 10
+    assert len(wake_ups) <= 0.020 / RESOLUTION + 1 < 10
 
 
 async def test_a_hedged_query_is_abandoned_without_harm_to_its_connection(
@@ -702,8 +703,12 @@ async def test_every_upstream_hanging_gives_servfail_at_the_deadline_and_leaks_n
     assert proxy.stats.timeouts == 1
     # The query was hedged once, to the second upstream; the third was never asked ...
     assert [len(fake.queries) for fake in fakes] == [1, 1, 0]
-    # ... and one timeout does not mark an upstream down (three in a row do).
+    # ... and one timeout does not mark an upstream down (three in a row do). The hedge, cut
+    # off by the query's deadline, counts as a timeout of the second, as the query's own
+    # attempt does of the first.
+    await trio.testing.wait_all_tasks_blocked()  # the hedge's task winds down after the reply
     assert not any(health.down for health in resolver.health)
+    assert [health.consecutive_timeouts for health in resolver.health] == [1, 1, 0]
 
     # Afterwards nothing is left over: every upstream connection is closed once the queries
     # on it are given up on, and every task the query started has ended.

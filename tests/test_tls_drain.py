@@ -1,4 +1,4 @@
-"""buffered_plaintext: every TLS record already received, decrypted without a scheduling round each.
+"""round_saving_drain: every TLS record already received, decrypted without a scheduling round each.
 
 The upstream's reader calls it after each ``SSLStream.receive_some``, which returns one record
 at a time. Covered: all records that one transport read brought in come back, in order, and
@@ -26,9 +26,8 @@ from hypothesis import strategies as st
 
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
-from dot_proxy.upstream import connection as connection_module
 from dot_proxy.upstream.pool import Upstream, open_upstreams
-from dot_proxy.upstream.trio_private import buffered_plaintext
+from dot_proxy.upstream.trio_private import round_saving_drain
 from tests.fakes import answer_for, ask, tls_pair
 
 TLS = trio.SSLStream[Any]
@@ -53,7 +52,7 @@ async def test_every_record_one_read_brought_in_comes_back_in_order(pair: SSLPai
     records = [bytes([index]) * (10 + index) for index in range(30)]
     for record in records:
         await server.send_all(record)  # one TLS record each
-    drain = buffered_plaintext(client)
+    drain = round_saving_drain(client)
 
     first = await client.receive_some(65536)
 
@@ -64,7 +63,7 @@ async def test_every_record_one_read_brought_in_comes_back_in_order(pair: SSLPai
 
 async def test_the_stream_works_on_after_a_drain(pair: SSLPair) -> None:
     client, server = pair
-    drain = buffered_plaintext(client)
+    drain = round_saving_drain(client)
     await server.send_all(b"one")
     await server.send_all(b"two")
     assert await client.receive_some() + drain() == b"onetwo"
@@ -84,7 +83,7 @@ async def test_a_close_notify_behind_the_records_is_left_to_the_next_receive(
     async with trio.open_nursery() as nursery:
         # aclose waits for the peer's close_notify after sending its own: answer it.
         nursery.start_soon(server.aclose)
-        drain = buffered_plaintext(client)
+        drain = round_saving_drain(client)
         assert await client.receive_some() == b"first"
         assert drain() == b"last"
         assert drain() == b""
@@ -95,7 +94,7 @@ async def test_a_close_notify_behind_the_records_is_left_to_the_next_receive(
 async def test_a_stream_that_is_not_tls_drains_nothing() -> None:
     left, right = trio.testing.memory_stream_pair()
     await right.send_all(b"plain bytes")
-    drain = buffered_plaintext(left)
+    drain = round_saving_drain(left)
     assert drain() == b""
     assert await left.receive_some() == b"plain bytes"
 
@@ -109,7 +108,7 @@ def test_records_of_any_size_come_back_whole(ca: trustme.CA, sizes: list[int]) -
         sent = [bytes([index % 251]) * size for index, size in enumerate(sizes)]
         for data in sent:
             await server.send_all(data)
-        drain = buffered_plaintext(client)
+        drain = round_saving_drain(client)
         received = b""
         while len(received) < sum(sizes):
             received += await client.receive_some(65536) + drain()
@@ -157,7 +156,7 @@ class RoundCounter(trio.abc.Instrument):
 
 
 async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
-    ca: trustme.CA, ca_file: str, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+    ca: trustme.CA, ca_file: str, nursery: trio.Nursery
 ) -> None:
     # The point of the drain: 20 answers in 20 records, arriving in one read, wake their 20
     # queries together. One record per receive_some would take a round per answer.
@@ -176,7 +175,7 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
             await server.send_all(frame(answer_for(query)))  # one record each
         queries_in.set()
 
-    async def open_tls(_spec: object, _context: object) -> TLS:
+    async def connect(_spec: object) -> TLS:
         client_transport, server_transport = trio.testing.memory_stream_pair()
         corked.append(Corked(server_transport.send_stream))
         server_transport.send_stream = corked[0]  # type: ignore[assignment]
@@ -184,11 +183,12 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
         nursery.start_soon(upstream_side, server)
         return client
 
-    monkeypatch.setattr(connection_module, "open_tls", open_tls)
-    monkeypatch.setattr(connection_module, "quickack_hook", lambda _stream: None)
     answered: list[dns.message.Message] = []
     config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),), ca_file=ca_file)
-    async with open_upstreams(config) as [upstream], trio.open_nursery() as queries:
+    async with (
+        open_upstreams(config, connect=connect) as [upstream],
+        trio.open_nursery() as queries,
+    ):
         for index in range(burst):
             queries.start_soon(_ask_into, upstream, f"q{index}.drain.test.", answered)
         await queries_in.wait()

@@ -1,4 +1,4 @@
-"""EagerSender: SSLStream.send_all without its scheduling round, byte for byte the same.
+"""RoundSavingSender: SSLStream.send_all without its scheduling round, byte for byte the same.
 
 The upstream's writer sends a batch that came alone through it, and a query alone on a quiet
 connection is sent through it by its own task. Covered: on an idle stream the record is on
@@ -26,14 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dot_proxy.upstream.socket_stream import EagerSocketStream
-from dot_proxy.upstream.trio_private import EagerSender, eager_sender
+from dot_proxy.upstream.trio_private import RoundSavingSender, round_saving_sender
 from tests.fakes import tls_pair
 
 TLS = trio.SSLStream[Any]
 
 
-def sender(stream: TLS) -> EagerSender:
-    eager = eager_sender(stream)
+def sender(stream: TLS) -> RoundSavingSender:
+    eager = round_saving_sender(stream)
     assert eager is not None, "the eager path is not live with this trio"
     return eager
 
@@ -166,5 +166,5 @@ async def test_a_reset_connection_is_a_broken_resource(ca: trustme.CA) -> None:
 async def test_a_stream_that_is_not_an_ssl_stream_over_a_socket_has_none(ca: trustme.CA) -> None:
     left, right = trio.testing.memory_stream_pair()
     client, _server = await tls_pair(ca, left, right)
-    assert eager_sender(client) is None
-    assert eager_sender(left) is None
+    assert round_saving_sender(client) is None
+    assert round_saving_sender(left) is None

@@ -190,7 +190,7 @@ async def test_query_tasks_never_await_a_write_to_the_tls_stream(
 ) -> None:
     """A cancel cannot cut a write in half because no query task awaits one: the connection's
     writer task sends what queues up, and a query alone on a quiet connection is sent by its
-    own task in one call without an await (EagerSender.send_nowait), whatever the query tasks
+    own task in one call without an await (RoundSavingSender.send_nowait), whatever the query tasks
     do (complete, or get cancelled at any point)."""
     writes = record_tls_writes(monkeypatch)
     fake = await start_upstream(answer_after(0.05))

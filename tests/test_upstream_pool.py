@@ -293,7 +293,7 @@ async def test_a_burst_of_queries_leaves_in_very_few_writes(
     assert len(fake.queries) == burst + warm
     # Queries started in one scheduling batch are queued together and leave in one send_all
     # (one TLS record); the cold pool may split them around the writer's first run. On a
-    # quiet connection the first goes at once, alone (BatchWriter.send_alone), the rest after.
+    # quiet connection the first goes at once, alone (BatchWriter.send), the rest after.
     assert len(sizes) <= (2 if warm else 3), sizes
     assert sum(sizes) >= burst * len(query(name(0)).to_wire())
     # The fake, reading 64 KiB at a time, gets them in as few chunks.

@@ -94,7 +94,7 @@ class CallTimes:
         from dot_proxy.serve import udp as listeners  # noqa: PLC0415
         from dot_proxy.upstream import trio_private as tls  # noqa: PLC0415
 
-        plain_init = tls.EagerSender.__init__
+        plain_init = tls.RoundSavingSender.__init__
 
         def init(sender: Any, *args: Any) -> None:
             plain_init(sender, *args)
@@ -103,7 +103,7 @@ class CallTimes:
             send = self.timed("socket.send (to unbound)", sender._socket.send)
             sender._socket = _TimedSocket(sender._socket, send)
 
-        tls.EagerSender.__init__ = init  # type: ignore[method-assign]
+        tls.RoundSavingSender.__init__ = init  # type: ignore[method-assign]
         listeners._send_datagram = self.timed("_send_datagram (sendto)", listeners._send_datagram)
 
     def report(self) -> None:

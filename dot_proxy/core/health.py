@@ -4,6 +4,11 @@ RFC 7858 §3.1 asks a client to remember servers that fail and not to hammer the
 resolution that never goes down (dnsproxy #354, stubby #105). Each upstream has a
 :class:`Health`: a latency EWMA and recent samples (for the hedging budget), consecutive
 failures, and whether it is down with an exponential backoff until its next probe.
+
+The probes keep their own schedule: only a failed probe doubles the backoff and sets the next
+one. A client query that tries a down upstream as a last resort and fails counts as a failure,
+but moves neither: if it did, steady client traffic would push the next probe back with every
+query, and an upstream that came back would be found only by luck.
 """
 
 from __future__ import annotations
@@ -89,7 +94,11 @@ class Health:
             self._mark_down(now)
 
     def record_failure(self, now: float, *, timeout: bool = False) -> None:
-        """The upstream failed a query: refused, TLS failure, broken connection, or timeout."""
+        """A query failed: refused, TLS failure, broken connection, or timeout.
+
+        Marks the upstream down (at once, or after a run of timeouts), with its first probe
+        :data:`BACKOFF_FIRST` later; on an upstream already down it changes no probe.
+        """
         self.failures += 1
         self.consecutive_failures += 1
         self.last_failure = now
@@ -100,11 +109,21 @@ class Health:
                 return
         self._mark_down(now)
 
-    def _mark_down(self, now: float) -> None:
+    def record_probe_failure(self, now: float) -> None:
+        """A background probe failed: the next comes after twice the wait, up to the cap."""
+        self.failures += 1
+        self.consecutive_failures += 1
         self.last_failure = now
-        self.backoff = BACKOFF_FIRST if not self.down else min(BACKOFF_CAP, self.backoff * 2)
+        self.backoff = min(BACKOFF_CAP, self.backoff * 2) if self.down else BACKOFF_FIRST
         self.down = True
         self.next_probe = now + self.backoff
+
+    def _mark_down(self, now: float) -> None:
+        self.last_failure = now
+        if not self.down:
+            self.backoff = BACKOFF_FIRST
+            self.down = True
+            self.next_probe = now + self.backoff
 
     def probe_due(self, now: float) -> bool:
         """Whether a background probe should be sent now."""

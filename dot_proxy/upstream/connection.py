@@ -10,7 +10,6 @@ never in the query task that asked for it. A query's task waits for its answer i
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Callable
 
 import trio
@@ -19,7 +18,6 @@ from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame_with_id
 from dot_proxy.core.message import HEADER_SIZE, answer_matches, message_id
 from dot_proxy.errors import (
-    RaceLost,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
@@ -27,21 +25,16 @@ from dot_proxy.errors import (
     WireError,
     fresh,
 )
-from dot_proxy.upstream.race import Race
-from dot_proxy.upstream.socket_stream import EagerSocketStream
-from dot_proxy.upstream.tls import open_tls, quickack_hook
-from dot_proxy.upstream.trio_private import buffered_plaintext, eager_sender
+from dot_proxy.upstream.race import Race, race_lost
+from dot_proxy.upstream.tls import Connect
+from dot_proxy.upstream.trio_private import round_saving_drain
 from dot_proxy.upstream.writer import BatchWriter
 
-__all__ = ["Connection", "race_lost"]
+__all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
 
 _RECEIVE_SIZE = 65536
-
-
-def race_lost(spec: UpstreamSpec) -> RaceLost:
-    return RaceLost(f"{spec.label}: another upstream answered first")
 
 
 class _Pending:
@@ -53,7 +46,7 @@ class _Pending:
         self.key = key
         self.race = race
         self.answer: bytes | None = None
-        self.error: UpstreamError | None = None
+        self.error: UpstreamError | None = None  # kept (the connection's): through errors.fresh
         # A query whose task gave up keeps its ID reserved until the answer comes, so that a
         # late answer can never be taken for the answer to a later query with the same ID.
         self.abandoned = False
@@ -71,14 +64,14 @@ class Connection:
     def __init__(
         self,
         spec: UpstreamSpec,
-        ssl_context: ssl.SSLContext,
         config: Config,
         *,
+        connect: Connect,
         on_room: Callable[[], None],
         on_closed: Callable[[Connection], None],
     ) -> None:
         self.spec = spec
-        self._ssl_context = ssl_context
+        self._open_stream = connect
         self._max_pipeline = config.max_pipeline
         self._connect_timeout = config.connect_timeout
         self._stall_timeout = config.stall_timeout
@@ -90,7 +83,7 @@ class Connection:
         self._on_closed = on_closed
         self.ready = trio.Event()
         self._ready_races: list[Race] = []
-        self.error: UpstreamError | None = None
+        self.error: UpstreamError | None = None  # kept: through errors.fresh
         self.closed = False
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
@@ -106,6 +99,9 @@ class Connection:
         """Queries sent and not yet answered, including abandoned ones."""
         return len(self._pending)
 
+    def _queries_in_flight(self) -> int:
+        return len(self._pending)
+
     @property
     def has_room(self) -> bool:
         """Whether another query may be pipelined on this connection now."""
@@ -117,10 +113,9 @@ class Connection:
         Error handling: raises :class:`UpstreamClosed` if the connection is retired before the
         answer arrives (the query may be retried on another connection), and
         :class:`RaceLost` if another attempt in ``race`` answered first. Cancellation leaves
-        the connection healthy: the query's bytes are queued for the writer task or, alone on
-        a quiet connection, sent from here in one non-blocking call, so a cancel cannot cut a
-        write in half. (Only if the kernel took part of that record does the rest take an
-        await; a cancel then breaks the connection, on which this query was the only one.)
+        the connection healthy: the connection's :class:`BatchWriter` writes the query, and a
+        cancel cannot cut its write in half (only a record the kernel took part of, of a query
+        alone on the connection, breaks it).
         """
         writer = self._writer
         if writer is None or self.closed:
@@ -133,13 +128,8 @@ class Connection:
         if not pending_map:
             self._busy_since = trio.current_time()
         pending_map[wire_id] = pending
-        data = frame_with_id(message, wire_id)
         try:
-            if writer.quiet and len(pending_map) == 1:
-                # Low load: this task sends it, a scheduling round sooner (BatchWriter).
-                await writer.send_alone(data)
-            else:
-                writer.write_nowait(data)
+            await writer.send(frame_with_id(message, wire_id))
             while pending.answer is None and pending.error is None and race.answer is None:
                 await race.wait()
         except BaseException:
@@ -150,15 +140,11 @@ class Connection:
             return pending.answer
         if pending_map.get(wire_id) is pending:
             pending.abandoned = True  # its answer may come yet: keep the ID, drop the answer
-        raise fresh(pending.error) if pending.error else race_lost(self.spec)
+        raise fresh(pending.error) if pending.error else race_lost(self.spec.label)
 
     def failure(self) -> UpstreamError:
         """What to raise in a query that finds this connection closed: a copy of its error."""
         return fresh(self.error) if self.error else UpstreamClosed(f"{self.spec.label}: closed")
-
-    def _has_other_queries(self, queued: int) -> bool:
-        # Under load: a burst queued, or answers outstanding besides the queued queries.
-        return queued > 1 or len(self._pending) > queued
 
     async def wait_ready(self, race: Race | None) -> None:
         """Wait until the connection is open or failed, or until ``race`` is won elsewhere.
@@ -172,7 +158,7 @@ class Connection:
         self._ready_races.append(race)
         while not self.ready.is_set():
             if race.answer is not None:
-                raise race_lost(self.spec)
+                raise race_lost(self.spec.label)
             await race.wait()
 
     def _set_ready(self) -> None:
@@ -209,13 +195,15 @@ class Connection:
 
     async def run(self) -> None:
         """Connect, then serve queries until retired. Never raises but Cancelled."""
-        stream: trio.SSLStream[EagerSocketStream] | None = None
+        stream: trio.abc.Stream | None = None
         try:
             with self._scope:
                 try:
                     stream = await self._connect()
                 except UpstreamError as exc:
-                    log.warning("%s", exc)
+                    # Not a warning: the queries on it fail with it, and the group logs an
+                    # upstream going down (and coming back) once, not per connection.
+                    log.debug("%s", exc)
                     self.retire(exc)
                     return
                 except Exception as exc:
@@ -225,12 +213,7 @@ class Connection:
                     log.exception("%s: connecting failed", self.spec.label)
                     self.retire(UpstreamConnectError(f"{self.spec.label}: {exc!r}"))
                     return
-                self._writer = BatchWriter(
-                    stream.send_all,
-                    after_send=quickack_hook(stream),
-                    busy=self._has_other_queries,
-                    eager=eager_sender(stream),
-                )
+                self._writer = BatchWriter.over(stream, in_flight=self._queries_in_flight)
                 self._set_ready()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read_loop, stream)
@@ -246,25 +229,25 @@ class Connection:
                     self._writer.messages,
                     self._writer.sends,
                 )
-                # The writer holds a method of ours (busy=): a cycle that would keep the
+                # The writer holds a method of ours (in_flight=): a cycle that would keep the
                 # closed stream and its buffers until a pass of the cyclic collector.
                 self._writer = None
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
-    async def _connect(self) -> trio.SSLStream[EagerSocketStream]:
+    async def _connect(self) -> trio.abc.Stream:
         with trio.move_on_after(self._connect_timeout):
-            return await open_tls(self.spec, self._ssl_context)
+            return await self._open_stream(self.spec)
         raise UpstreamConnectError(
             f"{self.spec.label}: no TLS connection within {self._connect_timeout:g} s"
         )
 
-    async def _read_loop(self, stream: trio.SSLStream[EagerSocketStream]) -> None:
+    async def _read_loop(self, stream: trio.abc.Stream) -> None:
         decoder = FrameDecoder()
         label = self.spec.label
         # Every answer the last read brought in is dispatched before the next await: they
-        # wake their tasks in one scheduling round (see buffered_plaintext).
-        drain = buffered_plaintext(stream)
+        # wake their tasks in one scheduling round (see round_saving_drain).
+        drain = round_saving_drain(stream)
         while True:
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)
@@ -330,9 +313,9 @@ class Connection:
         # retired, so its queries are retried elsewhere well within their deadline. That holds
         # only for a connection that has answered before: on one that never has (fresh, or the
         # retry's), silence is a slow resolver (seconds on a cold name) or a hung one, and
-        # another connection would not answer sooner, so it waits out its queries' deadline
-        # (issue 2: an answer within the deadline reaches the client; a hang is SERVFAIL at the
-        # deadline). An idle one is closed.
+        # another connection would not answer sooner, so it waits out its queries' deadline:
+        # an answer that comes within the deadline reaches the client, and a hang is SERVFAIL
+        # at the deadline. An idle one is closed.
         tick = min(self._stall_timeout, self._idle_timeout) / 4
         while True:
             await trio.sleep(tick)

@@ -1,14 +1,15 @@
-"""Per-query policy, no sockets: which upstreams to ask, when to hedge, what counts as an answer.
+"""The policy over one set of upstreams: which to ask, when to hedge, what counts as an answer.
 
-The query's task asks upstreams one after another (failover); a background hedger asks the
-next upstream too when the first is slower than its own recent p95, and the first valid answer
-wins. Health (:mod:`dot_proxy.core.health`) orders the upstreams and a background prober brings a
-down one back, so client queries are not spent finding out whether it recovered.
+The query's task asks upstreams one after another (failover); a background :class:`Hedger`
+asks the next upstream too when the first is slower than its own recent p95, and the first
+valid answer wins. Health (:mod:`dot_proxy.core.health`) orders the upstreams and a background
+prober brings a down one back, so client queries are not spent finding out whether it
+recovered. The group talks to each upstream's pool (:class:`~dot_proxy.upstream.pool.Upstream`)
+only.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 import struct
@@ -18,10 +19,12 @@ from contextlib import asynccontextmanager
 import trio
 
 from dot_proxy.config import Config
-from dot_proxy.core.health import Health, Policy, order_upstreams
+from dot_proxy.core.health import TIMEOUTS_TO_DOWN, Health, Policy, order_upstreams
 from dot_proxy.core.message import Rcode
 from dot_proxy.errors import RaceLost, UpstreamError, fresh
-from dot_proxy.upstream.pool import Upstream, open_upstreams
+from dot_proxy.upstream.health_log import HealthLog
+from dot_proxy.upstream.hedger import Hedger
+from dot_proxy.upstream.pool import Connect, Upstream, open_upstreams
 from dot_proxy.upstream.race import Race
 
 __all__ = ["UpstreamGroup", "open_upstream_group"]
@@ -31,24 +34,23 @@ log = logging.getLogger(__name__)
 # An answer with these codes says the upstream could not resolve the name right now; another
 # upstream may (dnsproxy #257). If every upstream says so, the last such answer is passed on.
 SOFT_FAILURES = frozenset({Rcode.SERVFAIL, Rcode.REFUSED})
-HEDGE_FLOOR = 0.1
+# How often the prober looks for a probe that is due: a probe starts at most this late.
 PROBE_INTERVAL = 0.5
-_HEDGER_TICK = 0.02
-# Under load a hedge falls due every few hundred µs; waking for each cost ~10 µs of CPU per
-# query (a cancel scope and a deadline per sleep). Hedges due within this of the first one due
-# start together instead: at most this late, against a budget of at least HEDGE_FLOOR.
-HEDGER_RESOLUTION = 0.005
 # ". IN NS" with RD set: any DNS answer to it, even REFUSED, shows the upstream is alive.
 PROBE_QUERY = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x02\x00\x01"
 PROBE_KEY = b"\x00\x00\x02\x00\x01"
+_ONLY_ONE = (0,)  # the order of a group of one upstream, for every query
+# Why an upstream is down, when it is not an error of its own.
+_TIMEOUTS = f"no answer within the deadline {TIMEOUTS_TO_DOWN} times in a row"
+_SLOWER = f"slower than the next upstream {TIMEOUTS_TO_DOWN} times in a row"
 
 
 class _Attempts(Race):
     """One query's race across upstreams, shared by its task and any hedge task."""
 
     __slots__ = (
+        "cancelled",
         "claimed",
-        "deadline",
         "error",
         "fallback",
         "finished",
@@ -59,17 +61,17 @@ class _Attempts(Race):
         "running",
     )
 
-    def __init__(self, message: bytes, key: bytes, order: list[int], deadline: float) -> None:
-        super().__init__()
+    def __init__(self, message: bytes, key: bytes, order: Sequence[int]) -> None:
+        Race.__init__(self)  # not super(): this is made per query
         self.message = message
         self.key = key
         self.order = order
-        self.deadline = deadline  # the query task's, which a hedge task must keep too
-        self.claimed = 0
+        self.claimed = 1  # the first upstream: the query's own task asks it
         self.running = 0
         self.fallback: bytes | None = None
-        self.error: UpstreamError | None = None
-        self.finished = False
+        self.error: UpstreamError | None = None  # kept: through errors.fresh
+        self.finished = False  # the query's task is done with it
+        self.cancelled = False  # ... because it was cancelled (its deadline, a shutdown)
         self.hedge_scope: trio.CancelScope | None = None
 
     def claim(self) -> int | None:
@@ -84,7 +86,8 @@ class UpstreamGroup:
     """Answers queries from the upstreams, keeping their health.
 
     Resource handling: the hedger and prober tasks run in ``nursery`` (see
-    :func:`open_upstream_group`); per-query state lives in the query's task.
+    :func:`open_upstream_group`); per-query state lives in the query's task. Without a nursery
+    there is neither hedging nor probing.
     """
 
     def __init__(
@@ -100,53 +103,53 @@ class UpstreamGroup:
         self._upstreams = tuple(upstreams)
         self.health = tuple(Health() for _ in upstreams)
         self._policy = Policy(config.upstream_policy)
-        self._hedge_after = config.hedge_after
-        self._ceiling = config.timeout / 2
         self._probe_deadline = config.timeout
         self._nursery = nursery
         self._rng = rng or random.Random()
         self._turn = 0
-        self._hedges: list[tuple[float, int, _Attempts]] = []
-        self._hedge_lot = trio.lowlevel.ParkingLot()
-        self._hedge_count = 0
+        self._hedger: Hedger[_Attempts] | None = None
+        if nursery is not None and len(upstreams) > 1 and config.hedge_after != 0:
+            self._hedger = Hedger(
+                self._start_hedge, hedge_after=config.hedge_after, ceiling=config.timeout / 2
+            )
+        self._log = HealthLog([upstream.spec.label for upstream in upstreams])
         self.hedges_started = 0  # read by the metrics
-        self._quiet_until: dict[int, float] = {}
 
     @property
     def upstreams(self) -> Sequence[Upstream]:
         """The upstreams, in configured order."""
         return self._upstreams
 
-    async def resolve(
-        self, message: bytes, question_key: bytes, deadline: float | None = None
-    ) -> bytes:
+    async def resolve(self, message: bytes, question_key: bytes) -> bytes:
         """The first valid answer to ``message`` from any upstream, with an arbitrary ID.
 
-        Runs under the caller's deadline, which a hedge task keeps too: pass it as ``deadline``
-        when it is at hand (finding it costs a walk up the cancel scopes). Error handling: when
-        every upstream failed, the last SERVFAIL/REFUSED answer is returned if there was one,
-        otherwise the last :class:`UpstreamError` is raised.
+        Runs under the caller's deadline (its cancel scope); hedges end with the query.
+        Error handling: when every upstream failed, the last SERVFAIL/REFUSED answer is
+        returned if there was one, otherwise the last :class:`UpstreamError` is raised.
         """
         if len(self._upstreams) == 1:
-            return await self._resolve_alone(message, question_key)
-        self._turn += 1
-        race = _Attempts(
-            message,
-            question_key,
-            order_upstreams(self.health, self._policy, turn=self._turn, rng=self._rng),
-            trio.current_effective_deadline() if deadline is None else deadline,
-        )
+            order: Sequence[int] = _ONLY_ONE  # nothing to order, and nothing to hedge to
+        else:
+            self._turn += 1
+            order = order_upstreams(self.health, self._policy, turn=self._turn, rng=self._rng)
+        race = _Attempts(message, question_key, order)
         try:
             # One clock read for the hedge's start and the first attempt's (every query).
             now = trio.current_time()
-            self._watch_for_hedging(race, now)
-            while (index := race.claim()) is not None:
+            if self._hedger is not None:
+                self._hedger.watch(race, self.health[order[0]], now)
+            index: int | None = order[0]
+            while index is not None:
                 answer = await self._attempt(index, race, now)
                 if answer is not None:
                     return answer
+                index = race.claim()
                 now = trio.current_time()  # the next upstream's attempt starts now
             while race.answer is None and race.running:
                 await race.wait()  # a hedge is still asking the last upstreams
+        except trio.Cancelled:
+            race.cancelled = True
+            raise
         finally:
             race.finished = True
             if race.hedge_scope is not None:
@@ -155,25 +158,15 @@ class UpstreamGroup:
             return race.answer
         if race.fallback is not None:
             return race.fallback
-        raise race.error or UpstreamError("no upstream answered")
-
-    async def _resolve_alone(self, message: bytes, question_key: bytes) -> bytes:
-        # One upstream: nothing to order, race or hedge, so none of that per-query work. The
-        # upstream's health is still kept, for its logs and for the background probe.
-        started = trio.current_time()
-        try:
-            answer = await self._upstreams[0].query(message, question_key)
-        except UpstreamError:
-            self._failed(0, trio.current_time(), timeout=False)
-            raise
-        except trio.Cancelled:
-            self._failed(0, trio.current_time(), timeout=True)
-            raise
-        self._record_answer(0, answer, started)
-        return answer
+        # A copy: the race, held by this frame, keeps the error (see errors.fresh).
+        raise fresh(race.error) if race.error else UpstreamError("no upstream answered")
 
     async def _attempt(self, index: int, race: _Attempts, started: float) -> bytes | None:
-        """Ask one upstream, starting at ``started``; the race's winner, else None."""
+        """Ask one upstream, starting at ``started``; the race's winner, else None.
+
+        The one place where an attempt's outcome is counted in the upstream's health, for the
+        query's own attempts and its hedges alike.
+        """
         race.running += 1
         try:
             answer = await self._upstreams[index].query(race.message, race.key, race)
@@ -181,92 +174,68 @@ class UpstreamGroup:
             if index == race.order[0]:
                 # The hedged-against upstream was slower than its budget and than another.
                 lost_at = trio.current_time()
-                self._update_health(index, lambda health: health.record_lost_race(lost_at))
+                self._update_health(index, lambda health: health.record_lost_race(lost_at), _SLOWER)
             return race.answer
         except UpstreamError as exc:
             log.debug("%s", exc)
-            self._failed(index, trio.current_time(), timeout=False)
+            at = trio.current_time()
+            self._update_health(
+                index, lambda health: health.record_failure(at), self._why(index, exc)
+            )
             race.error = fresh(exc)  # not exc: its frames hold the race (see errors.fresh)
             return None
         except trio.Cancelled:
-            if not race.finished:  # the query's deadline, not a hedge that lost
-                self._failed(index, trio.current_time(), timeout=True)
+            # The query's deadline (or a shutdown), for its own attempt and for a hedge that
+            # was still asking then; not a hedge that lost to an answer.
+            if not race.finished or race.cancelled:
+                at = trio.current_time()
+                self._update_health(
+                    index, lambda health: health.record_failure(at, timeout=True), _TIMEOUTS
+                )
             raise
         finally:
             race.running -= 1
             race.wake()
-        if not self._record_answer(index, answer, started):
+        if answer[3] & 0x0F in SOFT_FAILURES:
+            # SERVFAIL or REFUSED: alive, but another upstream may do better (dnsproxy #257).
+            self.health[index].record_soft_failure()
             race.fallback = answer
             return None
+        self._answered(index, started)
         if race.answer is None:
             race.answer = answer
         return race.answer
 
-    def _record_answer(self, index: int, answer: bytes, started: float) -> bool:
-        """Count an upstream's answer in its health; False for a soft failure."""
-        if answer[3] & 0x0F in SOFT_FAILURES:
-            self.health[index].record_soft_failure()
-            return False
+    def _answered(self, index: int, started: float) -> None:
+        # Every answer, of a client query or of a probe, that shows the upstream is up.
+        health = self.health[index]
         finished = trio.current_time()
-        self.health[index].record_answer(finished, finished - started)
-        return True
+        was_down = health.down
+        health.record_answer(finished, finished - started)
+        if was_down:
+            self._log.came_back(index, finished)
 
-    def _failed(self, index: int, at: float, *, timeout: bool) -> None:
-        self._update_health(index, lambda health: health.record_failure(at, timeout=timeout))
+    def _update_health(self, index: int, change: Callable[[Health], None], why: str) -> None:
+        # Every failure, of a client query or of a probe.
+        health = self.health[index]
+        was_down = health.down
+        change(health)
+        if health.down and not was_down:
+            self._log.went_down(index, trio.current_time(), why, probe_in=health.backoff)
 
-    def _update_health(self, index: int, change: Callable[[Health], None]) -> None:
-        was_down = self.health[index].down
-        change(self.health[index])
-        if self.health[index].down and not was_down:
-            self._log_down(index)
-
-    def _log_down(self, index: int) -> None:
-        # An upstream that flaps (late answers from before it froze mark it up again) would
-        # fill the log: say it once a minute at most.
-        now = trio.current_time()
-        if now < self._quiet_until.get(index, float("-inf")):
-            return
-        self._quiet_until[index] = now + 60.0
-        label = self._upstreams[index].spec.label
-        backoff = self.health[index].backoff
-        log.warning(
-            "%s is down; probing it again in %g s", label, backoff, extra={"upstream": label}
-        )
+    def _why(self, index: int, error: UpstreamError) -> str:
+        # The error's message without the upstream's label: the log line starts with it.
+        return str(error).removeprefix(f"{self._upstreams[index].spec.label}: ")
 
     # --- hedging ---------------------------------------------------------------------------
 
-    def _watch_for_hedging(self, race: _Attempts, now: float) -> None:
-        if self._nursery is None or self._hedge_after == 0 or len(race.order) < 2:
-            return
-        first = self.health[race.order[0]]
-        budget = (
-            self._hedge_after
-            if self._hedge_after is not None
-            else first.hedge_budget(floor=HEDGE_FLOOR, ceiling=self._ceiling)
-        )
-        self._hedge_count += 1
-        heapq.heappush(self._hedges, (now + budget, self._hedge_count, race))
-        if len(self._hedges) == 1:
-            self._hedge_lot.unpark()
-
-    async def run_hedger(self) -> None:
-        """Start a hedge for every query still unanswered when its budget runs out."""
-        assert self._nursery is not None
-        hedges = self._hedges
-        while True:
-            if not hedges:
-                await self._hedge_lot.park()
-                continue
-            now = trio.current_time()
-            while hedges and hedges[0][0] <= now:
-                race = heapq.heappop(hedges)[2]
-                if not race.finished and race.answer is None and self._may_hedge(race):
-                    race.hedge_scope = trio.CancelScope(deadline=race.deadline)
-                    self.hedges_started += 1
-                    self._nursery.start_soon(self._hedge, race, race.hedge_scope)
-            if hedges:
-                wake_at = max(hedges[0][0], now + HEDGER_RESOLUTION)
-                await trio.sleep_until(min(wake_at, now + _HEDGER_TICK))
+    def _start_hedge(self, race: _Attempts) -> None:
+        # Called by the hedger when the race's budget has run out.
+        if not race.finished and race.answer is None and self._may_hedge(race):
+            assert self._nursery is not None  # no hedger without one
+            race.hedge_scope = trio.CancelScope()  # cancelled when the query is done
+            self.hedges_started += 1
+            self._nursery.start_soon(self._hedge, race, race.hedge_scope)
 
     def _may_hedge(self, race: _Attempts) -> bool:
         # A hedge goes to the next *healthy* upstream: a down one is left to the prober and
@@ -287,7 +256,14 @@ class UpstreamGroup:
 
     # --- probing ---------------------------------------------------------------------------
 
-    async def run_prober(self) -> None:
+    async def run(self) -> None:
+        """The group's background work, until cancelled: the hedger and the prober."""
+        async with trio.open_nursery() as nursery:
+            if self._hedger is not None:
+                nursery.start_soon(self._hedger.run)
+            nursery.start_soon(self._run_prober)
+
+    async def _run_prober(self) -> None:
         """Probe down upstreams in the background until they answer again."""
         assert self._nursery is not None
         probing: set[int] = set()
@@ -297,35 +273,47 @@ class UpstreamGroup:
                 if health.probe_due(now) and index not in probing:
                     probing.add(index)
                     self._nursery.start_soon(self._probe, index, probing)
+                probe_in = max(0.0, health.next_probe - now)
+                self._log.tick(index, now, down=health.down, probe_in=probe_in)
             await trio.sleep(PROBE_INTERVAL)
 
     async def _probe(self, index: int, probing: set[int]) -> None:
-        upstream, health = self._upstreams[index], self.health[index]
+        # Any DNS answer, even SERVFAIL or REFUSED, shows the upstream is up again.
         started = trio.current_time()
+        why = f"no answer to a probe within {self._probe_deadline:g} s"
         try:
             with trio.move_on_after(self._probe_deadline):
-                await upstream.query(PROBE_QUERY, PROBE_KEY)
-                now = trio.current_time()
-                health.record_answer(now, now - started)
-                label = upstream.spec.label
-                log.warning("%s answers again", label, extra={"upstream": label})
+                await self._upstreams[index].query(PROBE_QUERY, PROBE_KEY)
+                self._answered(index, started)
                 return
-            health.record_failure(trio.current_time())
         except UpstreamError as exc:
-            log.debug("probe: %s", exc)
-            health.record_failure(trio.current_time())
+            why = self._why(index, exc)
         finally:
             probing.discard(index)
+        at = trio.current_time()
+        self._update_health(index, lambda health: health.record_probe_failure(at), why)
+        log.debug(
+            "probe of %s failed (%s); next in %g s",
+            self._upstreams[index].spec.label,
+            why,
+            self.health[index].backoff,
+        )
 
 
 @asynccontextmanager
-async def open_upstream_group(config: Config) -> AsyncIterator[UpstreamGroup]:
-    """Open the upstream pools and a resolver over them, with its background tasks."""
-    async with open_upstreams(config) as upstreams, trio.open_nursery() as nursery:
-        resolver = UpstreamGroup(upstreams, config, nursery)
-        nursery.start_soon(resolver.run_hedger)
-        nursery.start_soon(resolver.run_prober)
+async def open_upstream_group(
+    config: Config, *, connect: Connect | None = None, rng: random.Random | None = None
+) -> AsyncIterator[UpstreamGroup]:
+    """Open the upstream pools (see :func:`~dot_proxy.upstream.pool.open_upstreams` for
+    ``connect``) and a group over them, with its background tasks. ``rng`` draws the
+    ``fastest`` policy's choices (seeded, a run can be replayed)."""
+    async with (
+        open_upstreams(config, connect=connect) as upstreams,
+        trio.open_nursery() as nursery,
+    ):
+        group = UpstreamGroup(upstreams, config, nursery, rng=rng)
+        nursery.start_soon(group.run)
         try:
-            yield resolver
+            yield group
         finally:
             nursery.cancel_scope.cancel()

@@ -8,7 +8,6 @@ connection with room, and retries a query once when its connection closed under 
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -16,11 +15,13 @@ import trio
 
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
-from dot_proxy.upstream.connection import Connection, race_lost
-from dot_proxy.upstream.race import Race
-from dot_proxy.upstream.tls import make_ssl_context
+from dot_proxy.upstream.connection import Connection
+from dot_proxy.upstream.race import Race, race_lost
+from dot_proxy.upstream.tls import Connect, tls_connector
+from dot_proxy.upstream.trio_private import missing_internals
+from dot_proxy.upstream.waiting import Waiter, WaitLine
 
-__all__ = ["Upstream", "open_upstreams"]
+__all__ = ["Connect", "Upstream", "open_upstreams"]
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,14 @@ class Upstream:
     """
 
     def __init__(
-        self,
-        spec: UpstreamSpec,
-        ssl_context: ssl.SSLContext,
-        config: Config,
-        nursery: trio.Nursery,
+        self, spec: UpstreamSpec, config: Config, nursery: trio.Nursery, *, connect: Connect
     ) -> None:
         self.spec = spec
-        self._ssl_context = ssl_context
+        self._connect = connect
         self._config = config
         self._nursery = nursery
         self._connections: list[Connection] = []
-        # Queries waiting for a free slot, in arrival order (a dict as an ordered set).
-        self._room_waiters: dict[Race, None] = {}
+        self._room = WaitLine()  # queries waiting for a free slot on some connection
         self._max_connections = config.max_connections
 
     @property
@@ -95,9 +91,9 @@ class Upstream:
     def _open(self) -> Connection:
         connection = Connection(
             self.spec,
-            self._ssl_context,
             self._config,
-            on_room=self._wake_one,
+            connect=self._connect,
+            on_room=self._room.wake_next,
             on_closed=self._forget,
         )
         self._connections.append(connection)
@@ -105,65 +101,55 @@ class Upstream:
         return connection
 
     async def _wait_for_room(self, race: Race | None) -> None:
-        """Wait in line until a slot frees on some connection.
-
-        One freed slot wakes one waiter, first come first served: waking them all would cost
-        every answer a wake-up per waiting query, which under overload (an upstream freezes
-        and the pool fills) is what keeps the proxy from ever catching up.
+        """Wait in line (:class:`WaitLine`: one freed slot wakes one query) until a slot frees.
 
         Error handling: raises :class:`RaceLost` once ``race`` is won elsewhere — a query
         whose hedge answered must not sit here until its deadline (a hung upstream fills its
-        pool with abandoned queries) — and then passes its turn on.
+        pool with abandoned queries) — and then hands its turn on.
         """
-        waiter = race if race is not None else Race()
-        if waiter.answer is not None:
-            raise race_lost(self.spec)
-        self._room_waiters[waiter] = None
-        try:
-            await waiter.wait()
-        except BaseException:
-            self._leave_line(waiter)
-            raise
-        if waiter.answer is not None:
-            self._leave_line(waiter)
-            raise race_lost(self.spec)
-        # Woken by a slot (out of line now), or by its race (still in line: look anyway).
-        self._room_waiters.pop(waiter, None)
-
-    def _leave_line(self, waiter: Race) -> None:
-        # Out of line already means a slot was handed to this waiter, which will not take
-        # it: the slot goes to the next in line.
-        if self._room_waiters.pop(waiter, False) is False:
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        if self._room_waiters:
-            waiter = next(iter(self._room_waiters))
-            del self._room_waiters[waiter]
-            waiter.wake()
+        if race is None:
+            await self._room.wait(Waiter())
+            return
+        if race.answer is not None:
+            raise race_lost(self.spec.label)
+        # The race is the waiter: its winning elsewhere wakes it too.
+        got_turn = await self._room.wait(race)
+        if race.answer is not None:
+            if got_turn:
+                self._room.wake_next()
+            raise race_lost(self.spec.label)
 
     def _forget(self, connection: Connection) -> None:
         # A retired connection may make room for a new one: every waiter looks again.
         if connection in self._connections:
             self._connections.remove(connection)
-        waiters, self._room_waiters = self._room_waiters, {}
-        for waiter in waiters:
-            waiter.wake()
+        self._room.wake_all()
 
 
 @asynccontextmanager
-async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
+async def open_upstreams(
+    config: Config, *, connect: Connect | None = None
+) -> AsyncIterator[list[Upstream]]:
     """Open a pool per configured upstream; all their connections close on exit.
 
+    ``connect`` opens a connection's stream: by default TLS as configured
+    (:func:`~dot_proxy.upstream.tls.tls_connector`), after a look at whether this trio has what
+    :mod:`~dot_proxy.upstream.trio_private` needs (a warning if not); tests and the fuzz harness
+    pass their own.
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
-    verified = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data)
-    pins_only = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data, pins_only=True)
+    if connect is None:
+        connect = tls_connector(config.ca_file, config.ca_data)
+        if problems := missing_internals():
+            log.warning(
+                "trio %s: %s; upstream reads and writes take trio's public path, a scheduling "
+                "round slower each (dot-proxy is tested with the trio versions its package "
+                "names)",
+                trio.__version__,
+                "; ".join(problems),
+            )
     async with trio.open_nursery() as nursery:
         try:
-            yield [
-                Upstream(spec, verified if spec.check_name else pins_only, config, nursery)
-                for spec in config.upstreams
-            ]
+            yield [Upstream(spec, config, nursery, connect=connect) for spec in config.upstreams]
         finally:
             nursery.cancel_scope.cancel()

@@ -1,52 +1,31 @@
-"""Where a query's task (and any hedge of it) waits for the first answer."""
+"""The attempts at one query, and how each learns that another answered first: :class:`Race`."""
 
 from __future__ import annotations
 
-import trio
+from dot_proxy.errors import RaceLost
+from dot_proxy.upstream.waiting import Waiter
 
-__all__ = ["Race"]
+__all__ = ["Race", "race_lost"]
 
 
-class Race:
+class Race(Waiter):
     """The attempts at one query, possibly on several upstreams at once (hedging).
 
-    Every attempt's pending entry wakes the race's task when it completes; ``answer`` is set
-    by whichever attempt wins, and the others then give up their queries (abandoned, so the
-    connections stay healthy). A plain query is a race with one runner.
-
-    Several tasks may wait on one race (a query and its hedge); a wake wakes them all, and a
-    wake with nobody waiting lets the next wait return at once. Built on trio's low-level
-    parking rather than an Event per wait: this is on every query's path.
+    Every task working on the query waits on the race: for its answer on a connection, for a
+    connection's handshake, for room in a pool. Whatever concerns the query wakes the race (an
+    answer for one of its attempts, a failure, a hedge giving up); ``answer`` is set by the
+    attempt that wins, and the others, woken, see it and give up with :class:`RaceLost`
+    (abandoning their queries, so that the connections stay healthy). A query without hedging
+    is a race with one runner.
     """
 
-    __slots__ = ("_waiters", "_woken", "answer")
+    __slots__ = ("answer",)
 
     def __init__(self) -> None:
-        self._waiters: list[trio.lowlevel.Task] = []
-        self._woken = False
+        Waiter.__init__(self)  # not super(): a race is made per query
         self.answer: bytes | None = None
 
-    def wake(self) -> None:
-        """Tell the waiting tasks that something they may care about happened."""
-        waiters = self._waiters
-        if not waiters:
-            self._woken = True
-            return
-        for task in waiters:
-            trio.lowlevel.reschedule(task)
-        waiters.clear()
 
-    async def wait(self) -> None:
-        """Sleep until the next :meth:`wake` (callers re-check their state after it)."""
-        if self._woken:
-            self._woken = False
-            await trio.lowlevel.checkpoint()
-            return
-        task = trio.lowlevel.current_task()
-        self._waiters.append(task)
-
-        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            self._waiters.remove(task)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+def race_lost(label: str) -> RaceLost:
+    """What an attempt at ``label`` raises once another attempt has won."""
+    return RaceLost(f"{label}: another upstream answered first")

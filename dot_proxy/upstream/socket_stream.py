@@ -13,13 +13,13 @@ __all__ = ["EagerSocketStream"]
 class EagerSocketStream(trio.abc.HalfCloseableStream):
     """A trio stream over a connected, non-blocking stdlib socket: try first, wait if need be.
 
-    The upstream's ``trio.SSLStream`` runs over this instead of ``trio.SocketStream``, which
-    yields to the scheduler after every successful send and receive and wraps each call in
-    several more layers: per query, that was ~4% of the proxy's CPU (A/B under dnsperf) and two
-    scheduling rounds of latency. Here a call that the kernel can take at once costs one
-    syscall and no round; only a would-block waits on the socket. ``SSLStream`` still yields
-    around every transport call (its internal locks do), and a receive yields every
-    ``_YIELD_EVERY`` reads besides, so a reader fed without pause cannot starve other tasks.
+    The upstream's ``trio.SSLStream`` runs over this instead of ``trio.SocketStream``, which yields
+    to the scheduler after every successful send and receive and wraps each call in several more
+    layers: two scheduling rounds of latency per query, and CPU (docs/performance.md). Here a call
+    that the kernel can take at once costs one syscall and no round; only a would-block waits on
+    the socket. ``SSLStream`` still yields around every transport call (its internal locks do), and
+    a receive yields every ``_YIELD_EVERY`` reads besides, so a reader fed without pause cannot
+    starve other tasks.
 
     Unlike ``trio.SocketStream`` there is no guard against two tasks sending (or receiving) at
     once: its only user is one SSLStream, which serialises both directions itself.

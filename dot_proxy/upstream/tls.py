@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 import trio
@@ -21,11 +21,17 @@ from dot_proxy.errors import UpstreamConnectError, UpstreamError, UpstreamTLSErr
 from dot_proxy.upstream.socket_stream import EagerSocketStream
 
 __all__ = [
+    "Connect",
     "check_pins",
     "make_ssl_context",
     "open_tls",
     "quickack_hook",
+    "tls_connector",
 ]
+
+# How a pool opens a connection to an upstream: an authenticated stream, ready for queries, or
+# an UpstreamError. The proxy's is tls_connector's; tests and the fuzz harness pass their own.
+Connect = Callable[[UpstreamSpec], Awaitable[trio.abc.Stream]]
 
 
 def make_ssl_context(
@@ -104,6 +110,19 @@ async def open_tls(
     return stream
 
 
+def tls_connector(ca_file: str | None, ca_data: str | None = None) -> Connect:
+    """:func:`open_tls` with the context each upstream needs: its name checked against the
+    trusted CAs, or (an upstream with pins and no name to check) its pins alone. ``ca_data``
+    is ``ca_file``'s content when it was read already (before dropping privileges)."""
+    verified = make_ssl_context(ca_file=ca_file, ca_data=ca_data)
+    pins_only = make_ssl_context(ca_file=ca_file, ca_data=ca_data, pins_only=True)
+
+    async def connect(spec: UpstreamSpec) -> trio.abc.Stream:
+        return await open_tls(spec, verified if spec.check_name else pins_only)
+
+    return connect
+
+
 def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> UpstreamError:
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError):
@@ -115,12 +134,19 @@ def _handshake_error(spec: UpstreamSpec, exc: trio.BrokenResourceError) -> Upstr
     return UpstreamConnectError(f"{spec.label}: connection lost during the TLS handshake")
 
 
-def quickack_hook(stream: trio.SSLStream[EagerSocketStream]) -> Callable[[], None] | None:
+def quickack_hook(stream: trio.abc.SendStream) -> Callable[[], None] | None:
+    """A function that sets TCP_QUICKACK on ``stream``'s socket, to call after each write; None
+    where there is no TCP socket to set it on (a stream that is not ours over TCP, a system
+    without the option)."""
     # Linux delays ACKs; a TLS 1.3 server that sends its session ticket first and then the
     # answer can sit ~40 ms on our delayed ACK. TCP_QUICKACK is not sticky, so it is set
     # again after each write.
     quickack = getattr(socket, "TCP_QUICKACK", None)
-    if quickack is None:
+    if (
+        quickack is None
+        or not isinstance(stream, trio.SSLStream)
+        or not isinstance(stream.transport_stream, EagerSocketStream)
+    ):
         return None
     sock = stream.transport_stream.socket
 

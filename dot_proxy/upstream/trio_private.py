@@ -1,46 +1,105 @@
-"""Every use of a trio private attribute, in one place: what ``trio.SSLStream`` does not expose.
+"""Every use of a trio private attribute, in one place: scheduling rounds that trio's public API
+does not let the upstream side skip.
 
-Two shortcuts through the stream's own ``ssl.SSLObject`` save scheduling rounds on the hot path:
-:func:`buffered_plaintext` hands the reader every TLS record one socket read brought in, and
-:class:`EagerSender` sends a query's record at once when nobody else is sending. Both read
-``SSLStream._ssl_object``, ``._outgoing`` and ``._inner_send_lock``.
+``trio.SSLStream`` yields a scheduling round inside every ``send_all`` (its send lock's acquire)
+and after every ``receive_some`` that found its record already buffered: rounds paid per query
+on the hot path (docs/performance.md has what they cost). Two shortcuts go through the stream's
+own ``ssl.SSLObject`` instead:
+
+- :func:`round_saving_drain` hands the reader every TLS record one socket read brought in, in
+  one go instead of one ``receive_some`` (and one round) each;
+- :class:`RoundSavingSender` puts a record on the socket at once when nobody else is sending,
+  instead of after the lock's round.
+
+They read three attributes of ``SSLStream`` (:data:`INTERNALS`): ``_ssl_object``, ``_outgoing``
+and ``_inner_send_lock``. No public trio or ssl API reaches them: ``SSLStream`` forwards only a
+fixed set of ``SSLObject`` methods (``pending``, ``getpeercert``, ...), not ``read`` or
+``write``.
+
+**The ordering inside trio that both rely on** (``trio/_ssl.py``, ``SSLStream._retry``): a task
+that made TLS bytes takes them from ``_outgoing`` and joins the queue of ``_inner_send_lock`` (a
+``StrictFIFOLock``) without yielding in between, and hands them to the transport only while it
+holds that lock. So whenever our code runs, either the lock is free and ``_outgoing`` empty, and
+then no TLS bytes are waiting to go out, or they are, and bytes go out in the order they left
+``_outgoing``. ``_delayed_outgoing``, the one other path, is for server-side streams only.
+
+At run time, on a trio that lacks any of them (it renamed or retyped one), nothing breaks and
+nothing is silent: :func:`missing_internals` names what is missing, ``open_upstreams`` logs it
+as a warning once at start, and every connection takes trio's public path (``send_all``, one
+``receive_some`` per record): the same bytes, a scheduling round more per write and per record.
+``tests/test_trio_private.py`` fails on such a trio, and pyproject.toml pins trio to the
+releases the suite passed on.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from typing import Final
 
 import trio
 
 from dot_proxy.upstream.socket_stream import EagerSocketStream
 
-__all__ = ["EagerSender", "buffered_plaintext", "eager_sender"]
+__all__ = [
+    "INTERNALS",
+    "RoundSavingSender",
+    "missing_internals",
+    "round_saving_drain",
+    "round_saving_sender",
+]
+
+# The SSLStream attributes used here, and the type each must have.
+INTERNALS: Final[dict[str, type]] = {
+    "_ssl_object": ssl.SSLObject,
+    "_outgoing": ssl.MemoryBIO,
+    "_inner_send_lock": trio.StrictFIFOLock,
+}
 
 # Asked of each SSLObject.read; a TLS record holds at most 16 KiB, and each read returns one.
 _DRAIN_CHUNK = 65536
 
 
-def buffered_plaintext(stream: trio.abc.ReceiveStream) -> Callable[[], bytes]:
+def missing_internals() -> list[str]:
+    """What this trio's ``SSLStream`` lacks of :data:`INTERNALS`, one line each; [] if nothing.
+
+    Looks at a throwaway stream that is never connected (the attributes are set in
+    ``__init__``), so it needs no event loop.
+    """
+    stream = trio.SSLStream(
+        _Unconnected(), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), server_hostname="unconnected"
+    )
+    problems = []
+    for name, kind in INTERNALS.items():
+        value = getattr(stream, name, None)
+        if not isinstance(value, kind):
+            found = "nothing" if value is None else type(value).__qualname__
+            problems.append(f"SSLStream.{name} is {found}, not {kind.__qualname__}")
+    # An SSLStream holds itself (its handshake-once keeps a bound method): a cycle that only
+    # the collector would free (tests/test_no_cycles.py). This one never handshakes.
+    vars(stream).pop("_handshook", None)
+    return problems
+
+
+def round_saving_drain(stream: trio.abc.ReceiveStream) -> Callable[[], bytes]:
     """A function returning the plaintext of every TLS record ``stream`` already holds.
 
     ``SSLStream.receive_some`` decrypts one TLS record per call (OpenSSL's ``SSL_read`` stops
     at a record boundary), and when that record was already buffered it yields a scheduling
     round before returning. A resolver that writes each answer in its own record (unbound
-    does, and one transport read brings ~90 of them under load) then cost the reader one
-    round per answer: the answers reached their tasks one round apart, so the clients' next
-    queries, and our writes upstream, came in dribbles too. Measured with ``bench/ab.py``,
-    draining what one read brought in, after each ``receive_some``, about halved the CPU
-    per query.
+    does, and one transport read brings dozens of them under load) would cost the reader one
+    round per answer: the answers would reach their tasks one round apart, and the clients'
+    next queries, and our writes upstream, would come in dribbles too. Called after each
+    ``receive_some``, this decrypts the rest in one go, and the answers wake their tasks in one
+    round.
 
-    The function only decrypts bytes the stream has already received, through the stream's
-    own ``ssl.SSLObject``, without any I/O: the stream still does every read and write, the
+    It only decrypts bytes the stream has already received, through the stream's own
+    ``ssl.SSLObject``, without any I/O: the stream still does every read and write, the
     handshake and the close. It stops at the first record that is incomplete, and at any TLS
     error or close_notify, leaving that to the next ``receive_some``, which raises or returns
     b"" as usual (and sends anything the TLS layer has queued meanwhile, such as a KeyUpdate
-    reply). For a stream that is not an ``SSLStream`` (the fuzz harness's fakes), or a trio
-    that stores no ``_ssl_object``, it always returns b"": one record per ``receive_some``,
-    slower but the same bytes.
+    reply). For a stream that is not an ``SSLStream`` (the fuzz harness's pipes), or a trio
+    without ``_ssl_object`` (see the module's docstring), it always returns b"".
     """
     ssl_object = getattr(stream, "_ssl_object", None)
     if not isinstance(ssl_object, ssl.SSLObject):
@@ -62,18 +121,18 @@ def buffered_plaintext(stream: trio.abc.ReceiveStream) -> Callable[[], bytes]:
     return drain
 
 
-class EagerSender:
+class RoundSavingSender:
     """Sends on an ``SSLStream`` without its scheduling round, when the socket takes the record.
 
     ``SSLStream.send_all`` yields a scheduling round before its bytes reach the socket: it
-    takes the stream's internal send lock, and trio's lock acquire always yields. At low load
-    each round is a fifth of a query's time through the proxy. When nobody holds the lock, a
-    record can go at once instead: the stream's own ``ssl.SSLObject`` encrypts into the
-    stream's outgoing buffer, which :meth:`send_nowait` takes whole, and one non-blocking
-    ``send`` hands it to the kernel, with no await in between, so no other task can slip bytes
-    in. If the kernel takes only part, :meth:`finish` sends the rest under the lock, taken
-    before anyone else can (it was free, and nothing may await in between), so it still goes
-    before any record encrypted after it.
+    takes the stream's internal send lock, and trio's lock acquire always yields. When nobody
+    holds the lock, a record can go at once instead: the stream's own ``ssl.SSLObject``
+    encrypts into the stream's outgoing buffer, which :meth:`send_nowait` takes whole, and one
+    non-blocking ``send`` hands it to the kernel, with no await in between, so no other task
+    can slip bytes in (by the ordering in the module's docstring, a free lock and an empty
+    buffer mean no bytes are waiting). If the kernel takes only part, :meth:`finish` sends the
+    rest under the lock, taken before anyone else can (it was free, and nothing may await in
+    between), so it still goes before any record encrypted after it.
 
     Only for one writer at a time, like ``send_all`` (the stream's reader may still send its
     own records: those hold the lock). Error handling: ``trio.BrokenResourceError`` as from
@@ -104,8 +163,8 @@ class EagerSender:
         in ``send_all``). Anything else left over must go through :meth:`finish` before the
         caller awaits anything else.
         """
-        # Whoever holds the lock has records from before ours to send: and trio takes a
-        # record from the outgoing buffer and the lock without yielding in between.
+        # Whoever holds the lock, or will take what is in the buffer, has records from
+        # before ours to send.
         if self._lock.locked() or self._outgoing.pending:
             return None
         try:
@@ -133,13 +192,12 @@ class EagerSender:
             await self.finish(rest)
 
 
-def eager_sender(stream: trio.abc.SendStream) -> EagerSender | None:
-    """An :class:`EagerSender` for ``stream``, or None if it cannot have one.
+def round_saving_sender(stream: trio.abc.SendStream) -> RoundSavingSender | None:
+    """A :class:`RoundSavingSender` for ``stream``, or None if it cannot have one.
 
     That is a stream that is not an ``SSLStream`` over an
     :class:`~dot_proxy.upstream.socket_stream.EagerSocketStream`, or a trio whose SSLStream lacks
-    the attributes it relies on (``_ssl_object``, ``_outgoing``, ``_inner_send_lock``): then every
-    write goes through ``send_all``, a round slower at low load but the same bytes.
+    :data:`INTERNALS` (see the module's docstring): then every write goes through ``send_all``.
     """
     ssl_object = getattr(stream, "_ssl_object", None)
     outgoing = getattr(stream, "_outgoing", None)
@@ -152,4 +210,20 @@ def eager_sender(stream: trio.abc.SendStream) -> EagerSender | None:
         and isinstance(lock, trio.StrictFIFOLock)
     ):
         return None
-    return EagerSender(stream, ssl_object, outgoing, lock)
+    return RoundSavingSender(stream, ssl_object, outgoing, lock)
+
+
+class _Unconnected(trio.abc.Stream):
+    """The transport of the stream :func:`missing_internals` looks at: never used."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.ClosedResourceError("never connected")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise trio.ClosedResourceError("never connected")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise trio.ClosedResourceError("never connected")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()

@@ -1,4 +1,4 @@
-"""The writer of one upstream connection: many query tasks, one stream, records coalesced."""
+"""Who writes a query to an upstream's TLS stream, and when: :class:`BatchWriter`, alone."""
 
 from __future__ import annotations
 
@@ -7,40 +7,16 @@ from typing import Protocol
 
 import trio
 
+from dot_proxy.errors import fresh
+from dot_proxy.upstream.tls import quickack_hook
+from dot_proxy.upstream.trio_private import round_saving_sender
+
 __all__ = ["BatchWriter", "EagerSend"]
 
 
-class _QueuedWriter:
-    """The part both writers share: a queue, a task parked until it fills, close(), and a
-    failure seen outside ``run`` that ``run`` then raises."""
-
-    __slots__ = ("_broken", "_closing", "_lot", "_queue")
-
-    def __init__(self) -> None:
-        self._queue: list[bytes] = []
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closing = False
-        self._broken: BaseException | None = None
-
-    def _fail(self, exc: BaseException) -> None:
-        # A write from the caller's task failed: the writer task wakes to raise it.
-        if self._broken is None:
-            self._broken = exc
-        self._lot.unpark()
-
-    def _enqueue(self, data: bytes) -> None:
-        self._queue.append(data)
-        if len(self._queue) == 1:
-            self._lot.unpark()
-
-    def close(self) -> None:
-        """Let ``run`` return once everything queued so far is sent."""
-        self._closing = True
-        self._lot.unpark()
-
-
 class EagerSend(Protocol):
-    """Sending without a scheduling round when the socket takes it (see tls.EagerSender)."""
+    """Sending without a scheduling round when the socket takes it (trio_private's
+    :class:`~dot_proxy.upstream.trio_private.RoundSavingSender`)."""
 
     def send_nowait(self, data: bytes) -> memoryview | None: ...
 
@@ -49,30 +25,42 @@ class EagerSend(Protocol):
     async def send_all(self, data: bytes) -> None: ...
 
 
-class BatchWriter(_QueuedWriter):
-    """Serialise writes to one stream, coalescing whatever queued up meanwhile.
+class BatchWriter:
+    """The one way onto one upstream connection's stream: :meth:`send`.
 
-    Many tasks answer or query on one connection at once; a single writer task means their
-    bytes never interleave, a task that is cancelled never leaves a write half done, and a burst
-    of messages goes out in one ``send_all`` (one TLS record, one syscall) instead of one each.
+    Many query tasks share a connection. Each hands its framed query to :meth:`send` and
+    nothing else writes queries to the stream; how the bytes go is decided here, from the load:
 
-    At low load there is nothing to coalesce, and the writer's wake-up and the stream's send
-    lock cost a scheduling round each per message. With an ``eager`` sender, a message that
-    comes alone skips them: the writer sends it without the lock's round, and while the writer
-    found each message alone at its wake-up (it is :attr:`quiet`), the message's own task
-    sends it in :meth:`send_alone` without waking the writer at all. Under load neither
-    happens: the rounds are what lets a burst gather into one record.
+    - Under load (other queries in flight, or company at the writer's last wake-up) ``send``
+      queues the message, and :meth:`run`, the writer task, sends whatever queued meanwhile in
+      one ``send_all``: one TLS record, one syscall, after one scheduling round that lets the
+      tasks ready now queue theirs too. That round costs less than the record it saves.
+    - At low load, when the writer found each message alone at its wake-up (it is *quiet*) and
+      this one is the only query in flight, ``send`` sends it from the caller's task through the
+      stream's :class:`EagerSend`, skipping the writer's wake-up and ``send_all``'s lock round.
+      If the stream is busy sending something else, the message queues after all. A message
+      the writer sends alone goes through the eager sender too.
+
+    A cancel never cuts a write in half: the writer task is the only one that awaits a whole
+    write, and the eager send is one call with no await. Only if the kernel took part of that
+    record does the rest take an await; a cancel there breaks the stream, and :meth:`run`
+    raises ``trio.BrokenResourceError``.
 
     Resource handling: :meth:`run` lives in the nursery of whoever owns the stream. It returns
-    when :meth:`close` has been called and the queue is empty, or raises what sending raised;
-    either way the owner closes the stream.
+    when :meth:`close` has been called and the queue is empty, or raises what sending raised
+    (also a failure of an eager send, which ``send`` itself never raises); either way the owner
+    closes the stream.
     """
 
     __slots__ = (
         "_after_send",
-        "_alone",
-        "_busy",
+        "_broken",
+        "_closing",
         "_eager",
+        "_in_flight",
+        "_lot",
+        "_queue",
+        "_quiet",
         "_send_all",
         "messages",
         "sends",
@@ -81,102 +69,122 @@ class BatchWriter(_QueuedWriter):
     def __init__(
         self,
         send_all: Callable[[bytes], Awaitable[None]],
+        eager: EagerSend | None,
         *,
+        in_flight: Callable[[], int],
         after_send: Callable[[], None] | None = None,
-        busy: Callable[[int], bool] | None = None,
-        eager: EagerSend | None = None,
     ) -> None:
-        super().__init__()
+        """For tests: the owner uses :meth:`over`. ``in_flight()`` counts the owner's queries
+        sent or queued and not yet answered; ``after_send`` runs after each send."""
         self._send_all = send_all  # a stream's send_all (or one that behaves alike)
-        self._after_send = after_send
-        # busy(queued) says whether more messages are likely to be queued in a moment (the
-        # owner has other work in flight): then one scheduling round is worth waiting.
-        self._busy = busy
         self._eager = eager
-        self._alone = False  # whether the last wake-up found one message and no load
+        self._in_flight = in_flight
+        self._after_send = after_send
+        self._queue: list[bytes] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        # Whether the writer found the last message alone: a message may then skip it. Never
+        # true without an eager sender, once broken, or once closing.
+        self._quiet = False
+        self._closing = False
+        self._broken: BaseException | None = None  # kept: through errors.fresh
         self.messages = 0  # written so far
         self.sends = 0  # sends so far; messages / sends is the batching gained
 
-    @property
-    def quiet(self) -> bool:
-        """Whether a message sent now may skip the writer (:meth:`send_alone`): low load."""
-        return (
-            self._alone
-            and self._eager is not None
-            and not self._queue
-            and self._broken is None
-            and not self._closing
+    @classmethod
+    def over(cls, stream: trio.abc.SendStream, *, in_flight: Callable[[], int]) -> BatchWriter:
+        """The writer of ``stream``: eager where the stream allows, TCP_QUICKACK after each send."""
+        return cls(
+            stream.send_all,
+            round_saving_sender(stream),
+            in_flight=in_flight,
+            after_send=quickack_hook(stream),
         )
 
-    def write_nowait(self, data: bytes) -> None:
-        """Queue ``data``; it is sent after everything queued before it."""
-        self.messages += 1
-        self._enqueue(data)
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` after everything sent before it; returns at once, but for a record the
+        kernel took only part of.
 
-    async def send_alone(self, data: bytes) -> None:
-        """Send ``data`` from the calling task if the stream allows now, else queue it.
-
-        For a message with nothing else in flight while the writer is :attr:`quiet`. It
-        returns at once, without a scheduling round, unless the kernel took only part of it.
-        Error handling: a failed send is raised by :meth:`run`, not here (the caller learns
-        from its owner, as for a queued message). A cancel while the rest is being sent
-        breaks the stream: :meth:`run` raises ``trio.BrokenResourceError``.
+        Error handling: never raises but Cancelled; a failed send is raised by :meth:`run`, and
+        the owner fails the queries on the stream (this one included).
         """
-        eager = self._eager
-        if eager is None:
-            self.write_nowait(data)
-            return
-        try:
-            rest = eager.send_nowait(data)
-        except trio.BrokenResourceError as exc:
-            self._fail(exc)
-            return
-        if rest is None:  # the stream is sending something else: wait in line
-            self.write_nowait(data)
-            return
         self.messages += 1
-        self.sends += 1
-        if rest:
+        if self._quiet and not self._queue and self._in_flight() <= 1:
+            eager = self._eager
+            assert eager is not None  # quiet says so
             try:
-                await eager.finish(rest)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                rest = eager.send_nowait(data)
+            except trio.BrokenResourceError as exc:
                 self._fail(exc)
                 return
-            except BaseException as exc:
-                self._fail(trio.BrokenResourceError(f"write cut short: {exc!r}"))
-                raise
+            if rest is not None:
+                self.sends += 1
+                if rest:
+                    await self._finish(eager, rest)
+                elif self._after_send is not None:
+                    self._after_send()
+                return
+            # The stream is sending something else: wait in line.
+        self._queue.append(data)
+        if len(self._queue) == 1:
+            self._lot.unpark()
+
+    async def _finish(self, eager: EagerSend, rest: memoryview) -> None:
+        try:
+            await eager.finish(rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(exc)
+            return
+        except BaseException as exc:
+            self._fail(trio.BrokenResourceError(f"write cut short: {exc!r}"))
+            raise
         if self._after_send is not None:
             self._after_send()
+
+    def _fail(self, exc: BaseException) -> None:
+        # A send from a caller's task failed: the writer task wakes to raise it.
+        if self._broken is None:
+            self._broken = fresh(exc)
+        self._quiet = False
+        self._lot.unpark()
+
+    def close(self) -> None:
+        """Let :meth:`run` return once everything queued so far is sent."""
+        self._closing = True
+        self._quiet = False
+        self._lot.unpark()
+
+    def _busy(self, queued: int) -> bool:
+        # More messages are likely in a moment: a burst queued, or queries in flight besides.
+        return queued > 1 or self._in_flight() > queued
 
     async def run(self) -> None:
         """Send queued data until closed."""
         queue = self._queue
         while True:
             if self._broken is not None:
-                raise self._broken
+                raise fresh(self._broken)
             if not queue:
                 if self._closing:
                     return
                 await self._lot.park()
                 if not queue:
                     continue
-                self._alone = self._busy is None or not self._busy(len(queue))
-                if not self._alone:
-                    # Under load, let the tasks that are ready now queue theirs too: one more
-                    # scheduling round costs less than the TLS record and syscall it saves.
+                if self._eager is not None and not self._busy(len(queue)):
+                    self._quiet = self._broken is None and not self._closing
+                else:
+                    self._quiet = False
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 continue
             batch = queue[0] if len(queue) == 1 else b"".join(queue)
             queue.clear()
             self.sends += 1
-            # Alone, the eager send saves the round inside send_all. Under load that round is
-            # worth keeping: sending every batch a round sooner made batches smaller and cost
-            # 9-14% more CPU per query (bench/ab.py, dnsperf at 20 clients).
-            if self._alone and self._eager is not None:
+            # Alone, the eager send saves the round inside send_all; under load that round
+            # lets the next batch grow (docs/performance.md).
+            if self._quiet and self._eager is not None:
                 await self._eager.send_all(batch)
             else:
                 await self._send_all(batch)
             if self._after_send is not None:
                 self._after_send()
             if queue:  # queued while this was sent: that is load
-                self._alone = False
+                self._quiet = False
