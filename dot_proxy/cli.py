@@ -23,7 +23,14 @@ import trio
 
 from dot_proxy import __version__
 from dot_proxy.check import run_check
-from dot_proxy.config import DEFAULT_UPSTREAMS, Config, parse_listen_address, parse_upstream
+from dot_proxy.config import (
+    DEFAULT_UPSTREAMS,
+    Config,
+    parse_forward,
+    parse_listen_address,
+    parse_upstream,
+    read_hosts,
+)
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve.server import serve
 from dot_proxy.serve.sockets import bind_worker_sockets
@@ -158,6 +165,35 @@ def _parser() -> argparse.ArgumentParser:
         help="also ask the next upstream when the first has not answered after this long "
         "(default: auto, the upstream's own recent p95 latency, at least 0.1 s)",
     )
+    add(
+        "--forward",
+        action="append",
+        metavar="ZONE=SPEC",
+        help="send ZONE and the names under it to SPEC instead: upstreams as for --upstream, "
+        "or plain:HOST[:PORT] for a cleartext resolver on the local network, several "
+        "separated by '|'; repeatable",
+    )
+    add(
+        "--hosts",
+        metavar="FILE",
+        help="answer the names and addresses of this /etc/hosts-format file here",
+    )
+    add(
+        "--no-local-zones",
+        action="store_const",
+        const="true",
+        default=None,
+        help="forward localhost., private reverse zones, home.arpa. etc. like any other name "
+        "(by default they are answered here and never leave; RFC 6761, RFC 6303)",
+    )
+    add(
+        "--keep-ecs",
+        action="store_const",
+        const="true",
+        default=None,
+        help="pass a client's EDNS Client Subnet option upstream, and back (by default it is "
+        "removed: it tells every resolver on the way which network asked; RFC 7871)",
+    )
     return parser
 
 
@@ -171,6 +207,9 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     ca_file = value.one("ca_file", str, None)
     if ca_file is not None:
         _check_ca_file(ca_file)
+    hosts_file = value.one("hosts", str, None)
+    if hosts_file is not None:
+        read_hosts(hosts_file)  # unreadable: exit 2 now; bad lines are logged when serving
     log_level = value.one("log_level", str.upper, "INFO")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -202,6 +241,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         upstream_policy=value.one("upstream_policy", str.lower, defaults.upstream_policy),
         hedge_after=value.one("hedge_after", _hedge_after, defaults.hedge_after),
         workers=value.one("workers", _workers, defaults.workers),
+        forward=tuple(parse_forward(text) for text in value.many("forward", [])),
+        hosts_file=hosts_file,
+        local_zones=not value.one("no_local_zones", _boolean, False),
+        keep_ecs=value.one("keep_ecs", _boolean, False),
     )
 
 

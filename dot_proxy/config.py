@@ -12,18 +12,27 @@ import re
 from dataclasses import dataclass
 
 from dot_proxy.core.access import DEFAULT_ALLOW
+from dot_proxy.core.hosts import HostsProblem, HostsTable, parse_hosts
 from dot_proxy.core.pins import PinError, parse_pin
+from dot_proxy.core.zones import name_from_wire, name_to_wire
 from dot_proxy.errors import ConfigError
 
 __all__ = [
     "DEFAULT_UPSTREAMS",
     "Config",
+    "ForwardZone",
+    "PlainSpec",
     "UpstreamSpec",
+    "cleartext_zones",
+    "parse_forward",
     "parse_listen_address",
     "parse_upstream",
+    "read_hosts",
 ]
 
 DOT_PORT = 853
+DNS_PORT = 53
+PLAIN_PREFIX = "plain:"
 UPSTREAM_POLICIES = ("failover", "round-robin", "fastest")
 DEFAULT_UPSTREAMS = ("1.1.1.1:853#cloudflare-dns.com", "1.0.0.1:853#cloudflare-dns.com")
 # RFC 1123 §2.1 host names; a trailing dot is allowed and dropped.
@@ -53,8 +62,46 @@ class UpstreamSpec:
     @property
     def label(self) -> str:
         """How logs and errors name this upstream."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}#{self.auth_name}"
+        return f"{_host_port(self.host, self.port)}#{self.auth_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlainSpec:
+    """A cleartext resolver on the local network (a router, a VPN's resolver): UDP, with TCP
+    when an answer is truncated. The only way a query leaves in cleartext."""
+
+    host: str
+    port: int = DNS_PORT
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name this upstream."""
+        return PLAIN_PREFIX + _host_port(self.host, self.port)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardZone:
+    """``--forward ZONE=SPEC``: ZONE and every name under it go to ``targets``, in order.
+
+    ``zone`` is the zone's lower-cased wire name (:func:`dot_proxy.core.zones.name_to_wire`).
+    """
+
+    zone: bytes
+    targets: tuple[UpstreamSpec | PlainSpec, ...]
+
+    @property
+    def name(self) -> str:
+        """The zone in presentation form, with its final dot."""
+        return name_from_wire(self.zone)
+
+    @property
+    def cleartext(self) -> bool:
+        """Whether some of this zone's queries may leave unencrypted."""
+        return any(isinstance(target, PlainSpec) for target in self.targets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +134,13 @@ class Config:
     hedge_after: float | None = None
     # Processes serving the same port (SO_REUSEPORT), each the whole proxy with its own pool.
     workers: int = 1
+    # Split DNS: zones sent elsewhere than the default upstreams, a hosts file answered here,
+    # the built-in local zones (RFC 6761, RFC 6303, RFC 8375), and whether a client's EDNS
+    # Client Subnet option goes upstream (RFC 7871 §11.1: off by default).
+    forward: tuple[ForwardZone, ...] = ()
+    hosts_file: str | None = None
+    local_zones: bool = True
+    keep_ecs: bool = False
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -119,6 +173,13 @@ class Config:
             raise ConfigError(
                 f"--hedge-after: {self.hedge_after} must be 0 (off) or less than --timeout"
             )
+        seen: set[bytes] = set()
+        for forward in self.forward:
+            if forward.zone in seen:
+                raise ConfigError(f"--forward: zone {forward.name} is given twice")
+            if not forward.targets:
+                raise ConfigError(f"--forward: zone {forward.name} has no upstream")
+            seen.add(forward.zone)
 
     @property
     def connect_timeout(self) -> float:
@@ -153,7 +214,7 @@ def parse_listen_address(text: str) -> str:
         raise ConfigError(f"--listen: {text!r} is not an IP address") from None
 
 
-def parse_upstream(text: str) -> UpstreamSpec:
+def parse_upstream(text: str, *, flag: str = "--upstream") -> UpstreamSpec:
     """Parse ``HOST[:PORT][#AUTH_NAME][^PIN]...``; IPv6 as ``[ADDR]:PORT`` or a bare ``ADDR``.
 
     HOST must be an IP address: resolving a name would need DNS before DNS works, and the
@@ -161,7 +222,7 @@ def parse_upstream(text: str) -> UpstreamSpec:
     base64 SHA-256 SPKI pin (RFC 7858 §4.2); give two for a backup key.
     """
     spec, *pin_texts = text.strip().split("^")
-    where = f"--upstream: {text!r}"
+    where = f"{flag}: {text!r}"
     try:
         pins = tuple(dict.fromkeys(parse_pin(pin) for pin in pin_texts))
     except PinError as exc:
@@ -185,7 +246,75 @@ def parse_upstream(text: str) -> UpstreamSpec:
     )
 
 
-def _split_host_port(text: str, where: str) -> tuple[str, int]:
+def parse_forward(text: str) -> ForwardZone:
+    """Parse one ``--forward ZONE=SPEC`` value.
+
+    SPEC is a list separated by ``|`` of upstreams written as for ``--upstream`` (DoT,
+    verified, pins allowed) or as ``plain:HOST[:PORT]`` (cleartext, port 53 by default; IPv6
+    in brackets, ``plain:[fd00::1]:53``). ZONE may end with a dot; ``.`` is the root.
+    """
+    zone_text, equals, spec = text.strip().partition("=")
+    where = f"--forward: {text!r}"
+    if not equals or not zone_text.strip() or not spec.strip():
+        raise ConfigError(f"{where}: write ZONE=UPSTREAM[|UPSTREAM...]")
+    try:
+        zone = name_to_wire(zone_text.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {zone_text.strip()!r} is not a zone name ({exc})") from None
+    targets: list[UpstreamSpec | PlainSpec] = []
+    for item in (part.strip() for part in spec.split("|")):
+        if not item:
+            raise ConfigError(f"{where}: an empty upstream between '|'")
+        if item.lower().startswith(PLAIN_PREFIX):
+            target: UpstreamSpec | PlainSpec = _parse_plain(item[len(PLAIN_PREFIX) :], where)
+        else:
+            target = parse_upstream(item, flag="--forward")
+        if target in targets:
+            raise ConfigError(f"{where}: {target.label} is listed twice")
+        targets.append(target)
+    return ForwardZone(zone, tuple(targets))
+
+
+def _parse_plain(text: str, where: str) -> PlainSpec:
+    if "#" in text or "^" in text:
+        raise ConfigError(f"{where}: a plain: upstream has no name or pin to check (no TLS)")
+    host, port = _split_host_port(text, where, default_port=DNS_PORT)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{where}: {host!r} is not an IP address") from None
+    return PlainSpec(host, port)
+
+
+def cleartext_zones(config: Config) -> list[str]:
+    """The start-up log's warnings: one per zone whose queries may leave unencrypted."""
+    return [
+        f"queries for {forward.name} and the names under it leave in CLEARTEXT to "
+        + ", ".join(t.label for t in forward.targets if isinstance(t, PlainSpec))
+        + " (plain DNS: anyone on the path can read and alter them)"
+        for forward in config.forward
+        if forward.cleartext
+    ]
+
+
+def read_hosts(path: str) -> tuple[HostsTable, list[HostsProblem]]:
+    """Read and parse a hosts file (``--hosts``); its problems are for the log, by line.
+
+    Bytes that are not UTF-8 make only their own line a problem (a name that is not a host
+    name), not the whole file. Error handling: raises :class:`ConfigError` naming ``--hosts``
+    when the file cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"--hosts: {path!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"--hosts: {path!r} cannot be read ({exc.strerror or exc})") from None
+    return parse_hosts(text)
+
+
+def _split_host_port(text: str, where: str, *, default_port: int = DOT_PORT) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -196,7 +325,7 @@ def _split_host_port(text: str, where: str) -> tuple[str, int]:
     else:
         host, port_text = text, ""  # IPv4 without port, or a bare IPv6 address
     if not port_text:
-        return host, DOT_PORT
+        return host, default_port
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"{where}: port {port_text!r} is not a number from 1 to 65535")
     return host, int(port_text)
