@@ -254,6 +254,23 @@ async def test_silence_lasts_until_the_callers_deadline(
     assert len(server.udp_queries) == 3  # at 0, 1 and 3 s (the next would be at 7)
 
 
+async def test_a_query_that_gives_up_leaves_nothing_behind(
+    start_server: StartServer, nursery: trio.Nursery, clock: trio.testing.MockClock
+) -> None:
+    async def silent(server: FakePlainServer, query: bytes, source: Address) -> None:
+        return None
+
+    server = await start_server(udp=silent)
+    query, key = make_query()
+    async with trio.open_nursery() as upstreams:
+        upstream = PlainUpstream(server.spec, upstreams)
+        for deadline in (0, 0.5, 1.0, 2.5):  # before the send, waiting, at a resend, later
+            with trio.move_on_after(deadline):
+                await upstream.query(query, key)
+            await trio.testing.wait_all_tasks_blocked()
+            assert upstreams.child_tasks == frozenset()
+
+
 async def test_a_closed_port_is_a_connect_error(nursery: trio.Nursery) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,8 +10,8 @@ RFC 4343). Anything else is dropped and the wait goes on, so a forged answer can
 the real one. A lost datagram is sent again after one second, then two, four, ... until the
 caller's deadline: there is no timeout here (STYLE §4), the query's cancel scope bounds it.
 
-Queries here are never padded (RFC 8467 padding hides sizes only on encrypted hops) and the
-caller removes ECS as for any upstream. trio and OS errors become :mod:`dot_proxy.errors`.
+Callers send queries here unpadded (RFC 8467 padding hides sizes only on encrypted hops) and
+without ECS, as to any upstream. trio and OS errors become :mod:`dot_proxy.errors`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 #: a second of silence means a lost datagram; each further wait doubles (RFC 1536 §1: back off
 #: exponentially). RFC 1035 §4.2.1's 2-5 s minimum is for servers across the 1987 Internet.
 RETRANSMIT_AFTER: Final = 1.0
-_MAX_DATAGRAM: Final = 65535
 _RECEIVE_SIZE: Final = 65536
 
 
@@ -126,10 +125,9 @@ class PlainUpstream:
                 waiter.wake()
 
     async def _exchange(self, message: bytes, key: bytes) -> bytes:
-        if len(message) <= _MAX_DATAGRAM:
-            answer = await self._udp(message, key)
-            if not answer[2] & (FLAG_TC >> 8):
-                return answer
+        answer = await self._udp(message, key)
+        if not answer[2] & (FLAG_TC >> 8):
+            return answer
         # RFC 7766 §5: a truncated answer is asked again over TCP.
         return await self._tcp(message, key)
 
