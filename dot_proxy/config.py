@@ -100,7 +100,7 @@ class ForwardZone:
 
     @property
     def cleartext(self) -> bool:
-        """Whether some of this zone's queries may leave unencrypted."""
+        """Whether this zone's queries leave unencrypted (its upstreams are all ``plain:``)."""
         return any(isinstance(target, PlainSpec) for target in self.targets)
 
 
@@ -250,8 +250,8 @@ def parse_forward(text: str) -> ForwardZone:
     """Parse one ``--forward ZONE=SPEC`` value.
 
     SPEC is a list separated by ``|`` of upstreams written as for ``--upstream`` (DoT,
-    verified, pins allowed) or as ``plain:HOST[:PORT]`` (cleartext, port 53 by default; IPv6
-    in brackets, ``plain:[fd00::1]:53``). ZONE may end with a dot; ``.`` is the root.
+    verified, pins allowed), or of ``plain:HOST[:PORT]`` (cleartext, port 53 by default; IPv6
+    in brackets, ``plain:[fd00::1]:53``), not both. ZONE may end with a dot; ``.`` is the root.
     """
     zone_text, equals, spec = text.strip().partition("=")
     where = f"--forward: {text!r}"
@@ -272,6 +272,10 @@ def parse_forward(text: str) -> ForwardZone:
         if target in targets:
             raise ConfigError(f"{where}: {target.label} is listed twice")
         targets.append(target)
+    if len({isinstance(target, PlainSpec) for target in targets}) > 1:
+        # A zone's queries are encrypted or they are not: a TLS upstream with a plain:
+        # fallback would send them in cleartext whenever the TLS one is slow or down.
+        raise ConfigError(f"{where}: mixes TLS and plain: upstreams; use one kind per zone")
     return ForwardZone(zone, tuple(targets))
 
 
@@ -290,7 +294,7 @@ def cleartext_zones(config: Config) -> list[str]:
     """The start-up log's warnings: one per zone whose queries may leave unencrypted."""
     return [
         f"queries for {forward.name} and the names under it leave in CLEARTEXT to "
-        + ", ".join(t.label for t in forward.targets if isinstance(t, PlainSpec))
+        + ", ".join(target.label for target in forward.targets)
         + " (plain DNS: anyone on the path can read and alter them)"
         for forward in config.forward
         if forward.cleartext

@@ -44,9 +44,9 @@ from dot_proxy.errors import ConfigError
             ),
         ),
         (
-            "168.192.in-addr.arpa=10.0.0.1#r.lan|plain:192.168.1.1",
+            "168.192.in-addr.arpa=plain:192.168.1.1|plain:192.168.1.2:5353",
             "168.192.in-addr.arpa",
-            (UpstreamSpec("10.0.0.1", 853, "r.lan"), PlainSpec("192.168.1.1", 53)),
+            (PlainSpec("192.168.1.1", 53), PlainSpec("192.168.1.2", 5353)),
         ),
         (".=plain:127.0.0.1:5300", ".", (PlainSpec("127.0.0.1", 5300),)),
         ("_tcp.lan=plain:10.0.0.1", "_tcp.lan", (PlainSpec("10.0.0.1", 53),)),
@@ -80,6 +80,7 @@ def test_pins_and_ports_as_for_upstream() -> None:
         ("lan=plain:10.0.0.1||plain:10.0.0.2", "empty upstream"),
         ("lan=plain:10.0.0.1|plain:10.0.0.1:53", "listed twice"),
         ("lan=dns.google#dns.google", "not an IP address"),
+        ("lan=10.0.0.1#r.lan|plain:10.0.0.1", "mixes TLS and plain"),
     ],
 )
 def test_bad_forward_values_name_the_flag(text: str, needle: str) -> None:
