@@ -115,6 +115,13 @@ def test_a_label_holding_a_dot_does_not_split() -> None:
     assert zones.longest_match(b"\x01a" + key("example.com")) == "example.com"
 
 
+def test_a_byte_match_off_the_label_boundaries_is_no_match() -> None:
+    # The last label is "xx\x04arpa": its bytes end like the label "arpa", but it is not it.
+    zones = table("arpa")
+    assert zones.longest_match(b"\x07xx\x04arpa\x00") is None
+    assert zones.longest_match(b"\x02xx\x04arpa\x00") == "arpa"
+
+
 def test_root_zone_matches_everything_else() -> None:
     zones = ZoneTable({ROOT: "root", name_to_wire("lan"): "lan"})
     assert zones.longest_match(key("printer.lan")) == "lan"

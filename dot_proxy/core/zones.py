@@ -82,12 +82,14 @@ def ancestors(wire: bytes) -> Iterator[bytes]:
 class ZoneTable(Generic[T]):
     """Zones (lower-cased wire names) with a value each; a name finds its closest enclosing zone.
 
-    The walk goes from the root down and stops at the first suffix that neither is a zone nor
-    encloses one, so a name outside every zone (``www.example.com`` when the zones are under
-    ``arpa``) costs two set look-ups, whatever its length.
+    Most names are under no zone (``www.example.com`` when the zones are under ``arpa``): one
+    ``bytes.endswith`` against the zones' top-level labels turns them away, whatever their
+    length (a byte match that is not on a label boundary only costs the walk). Otherwise the
+    walk goes from the root down and stops at the first suffix that neither is a zone nor
+    encloses one.
     """
 
-    __slots__ = ("_prefixes", "_zones")
+    __slots__ = ("_prefixes", "_tlds", "_zones")
 
     def __init__(self, zones: Mapping[bytes, T]) -> None:
         self._zones = dict(zones)
@@ -96,16 +98,12 @@ class ZoneTable(Generic[T]):
             prefixes.add(zone)
             prefixes.update(ancestors(zone))
         self._prefixes = frozenset(prefixes)
+        # With the root as a zone every name matches: no shortcut.
+        tlds = {zone for zone in prefixes if zone != ROOT and _is_tld(zone)}
+        self._tlds: tuple[bytes, ...] | None = None if ROOT in self._zones else tuple(tlds)
 
     def __len__(self) -> int:
         return len(self._zones)
-
-    def __contains__(self, zone: object) -> bool:
-        return zone in self._zones
-
-    def zones(self) -> Mapping[bytes, T]:
-        """Every zone and its value (a copy)."""
-        return dict(self._zones)
 
     def longest_match(self, name: bytes) -> T | None:
         """The value of the deepest zone that is ``name`` or encloses it, else ``None``.
@@ -113,14 +111,16 @@ class ZoneTable(Generic[T]):
         ``name`` is a lower-cased, uncompressed wire name (a query's ``question_key[:-4]``);
         a name whose labels run past its end matches nothing.
         """
+        if self._tlds is not None and not name.endswith(self._tlds):
+            return None  # the usual case, checked before the call below
         zone = self.enclosing_zone(name)
         return None if zone is None else self._zones[zone]
 
     def enclosing_zone(self, name: bytes) -> bytes | None:
         """The deepest zone that is ``name`` or encloses it (its wire name), else ``None``."""
+        if self._tlds is not None and not name.endswith(self._tlds):
+            return None
         prefixes = self._prefixes
-        if ROOT not in prefixes:
-            return None  # an empty table
         starts: list[int] = []
         offset, end = 0, len(name)
         while True:
@@ -141,6 +141,10 @@ class ZoneTable(Generic[T]):
             if suffix in self._zones:
                 best = suffix
         return best
+
+
+def _is_tld(wire: bytes) -> bool:
+    return len(wire) == wire[0] + 2
 
 
 def _labels(wire: bytes) -> Iterator[bytes]:
