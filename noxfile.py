@@ -42,6 +42,17 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def ab(session: nox.Session) -> None:
+    """This checkout's dot-proxy against another revision's, side by side, in one run.
+
+    Arguments after -- go to bench/ab.py, e.g. `nox -s ab -- --base HEAD~1 --seconds 5`.
+    Needs unbound and dnsperf.
+    """
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.run("python", "bench/ab.py", *session.posargs)
+
+
+@nox.session(default=False)
 def fuzz(session: nox.Session) -> None:
     """Coverage-guided fuzzing of the whole query path with atheris (60 s by default).
 

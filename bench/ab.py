@@ -10,7 +10,11 @@ then the medians and the ratio B/A. CPU per query is the steady figure here; thr
 adds p50 and p99 over every answer of every round.
 
 The base revision is checked out with ``git worktree`` into a temporary folder and run from
-there with this interpreter, so only dot_proxy's code differs between A and B.
+there with this interpreter, so only dot_proxy's code differs between A and B: each proxy's
+``PYTHONPATH`` names its source tree (the worktree for A, this checkout for B), whatever copy
+of dot_proxy this interpreter has installed. That installed copy (``pip install .`` with the
+``bench`` dependency group, or ``nox -s ab -- --base REV``, which does both) gives this script
+its helpers, ``dot_proxy.testing.realdns``.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dot_proxy.testing import realdns
 
-from dot_proxy.testing import realdns  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class ProxyFrom(realdns.DotProxy):

@@ -1,5 +1,5 @@
 """dot-proxy in this process against a local unbound, driven by dnsperf: for tools that look
-inside the process while it serves (``rounds.py``, ``gc_passes.py``).
+inside the process while it serves (``investigations/rounds.py``, ``investigations/gc_passes.py``).
 
 dot_proxy is imported when :func:`run_under_dnsperf` is called, not before, so that a tool may
 first put another checkout on ``sys.path`` and measure that one.

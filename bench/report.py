@@ -173,12 +173,9 @@ def render_baseline(rows: Sequence[Row]) -> str:
     return "dot-proxy against its baseline, in the same rounds:\n" + "\n".join(lines)
 
 
-def tool_versions(root: Path) -> dict[str, str]:
-    # dot-proxy runs from this checkout, as in the benchmark itself (not from cwd).
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-    }
+def tool_versions() -> dict[str, str]:
+    # dot-proxy's version from this interpreter's dot_proxy, the one the benchmark runs.
+    env = realdns.dot_proxy_environment()
 
     def first_line(argv: list[str], contains: str = "") -> str:
         if shutil.which(argv[0]) is None:
@@ -208,12 +205,10 @@ def _cpu_model() -> str:
     return f"{os.cpu_count()} CPUs"
 
 
-def render_markdown(
-    rows: Sequence[Row], measured: Measurements, *, chart: str | None, root: Path
-) -> str:
+def render_markdown(rows: Sequence[Row], measured: Measurements, *, chart: str | None) -> str:
     """The report: table, how to read it, versions, commands and configuration files."""
     m = measured
-    versions = "\n".join(f"- {name}: `{value}`" for name, value in tool_versions(root).items())
+    versions = "\n".join(f"- {name}: `{value}`" for name, value in tool_versions().items())
     servers = "\n".join(f"- {t.name}: `{t.command}`" for t in measured.targets)
     commands = sorted(
         {run.result.command for run in measured.loads} | {run.command for run in measured.latencies}
@@ -272,7 +267,7 @@ Servers:
 {servers}
 
 dnsperf (the same command every round; the query file is {m.query_count} lines of A, AAAA,
-TXT and NXDOMAIN names from `tests/realdns.py`):
+TXT and NXDOMAIN names from `dot_proxy/testing/realdns.py`):
 
 ```
 {chr(10).join(commands)}

@@ -25,12 +25,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so the proxy and its testing helpers run from this checkout
-
-import dns.message  # noqa: E402
-from ab import ProxyFrom, worktree  # noqa: E402
-from report import (  # noqa: E402
+import dns.message
+from ab import ProxyFrom, worktree
+from report import (
     LatencyRun,
     LoadRun,
     Measurements,
@@ -42,12 +39,13 @@ from report import (  # noqa: E402
     write_chart,
 )
 
-from dot_proxy.testing import realdns  # noqa: E402
+from dot_proxy.testing import realdns
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SYSTEMS = (
     "dot-proxy",
     "dot-proxy-no-padding",
-    "dot-proxy-no-reuse",
     "dot-proxy-workers-2",
     "stubby",
     "dnsdist",
@@ -55,7 +53,6 @@ SYSTEMS = (
 )
 # dot-proxy variants: what each adds to its command line.
 VARIANT_FLAGS = {
-    "dot-proxy-no-reuse": ["--no-reuse"],
     "dot-proxy-no-padding": ["--no-padding"],
     # Two processes on one port (SO_REUSEPORT); CPU and RSS are summed over the workers.
     "dot-proxy-workers-2": ["--workers", "2"],
@@ -390,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{against}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     chart = None if args.no_chart else os.path.relpath(args.chart, args.out.parent)
-    args.out.write_text(render_markdown(rows, measured, chart=chart, root=ROOT))
+    args.out.write_text(render_markdown(rows, measured, chart=chart))
     print(f"\nwrote {args.out}")
     if not args.no_chart:
         write_chart(rows, args.chart)

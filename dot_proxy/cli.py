@@ -1,7 +1,8 @@
 """Command line: flags, ``DOT_PROXY_*`` environment and defaults → one Config → serve.
 
 Precedence is flag, then environment variable, then default. A value that cannot be used ends
-the program with one line on stderr naming the flag, and exit status 2.
+the program with one line on stderr naming the setting as the user gave it (the flag, or the
+variable when the value came from the environment), and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,20 +18,25 @@ import socket
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn, TypeVar
+from functools import partial
+from types import MappingProxyType
+from typing import NoReturn, Protocol, TypeVar
 
 import trio
 
 from dot_proxy import __version__
-from dot_proxy.check import run_check
+from dot_proxy.check import make_test_query, run_check
 from dot_proxy.config import (
     DEFAULT_UPSTREAMS,
     Config,
+    flag,
+    parse_allow,
     parse_forward,
     parse_listen_address,
     parse_upstream,
     read_hosts,
 )
+from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve.server import serve
 from dot_proxy.serve.sockets import bind_worker_sockets
@@ -44,15 +50,20 @@ log = logging.getLogger("dot_proxy")
 EXIT_USAGE = 2
 ENV_PREFIX = "DOT_PROXY_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# The cyclic collector's thresholds: a pass over the youngest generation once 10,000 tracked
-# objects (net) were allocated, instead of CPython's 700. A burst of queries in flight holds a
-# few thousand (tasks, coroutines, cancel scopes), so at 700 every burst set off a pass over
-# them all, though reference counting freed nearly all of them moments later: under dnsperf's
-# maximum load ~3,000 passes in 10 s, 5% of the process's time (bench/gc_passes.py). The query
-# path makes no reference cycles (tests/test_no_cycles.py), so the bigger generation holds what
-# lives anyway. The older generations' thresholds (2, 2) keep a full pass about as many
-# allocations apart as CPython's defaults do (90,000 against 85,000): what the failure paths
-# leave in cycles (a closed TLS stream is one, inside trio) is still collected as often.
+# The cyclic collector's thresholds (set in main, with gc.freeze). A burst of queries in flight
+# holds a few thousand tracked objects (tasks, coroutines, cancel scopes) that reference counting
+# frees moments later; at CPython's 700 every burst set off a young pass over them all. At
+# 10,000 the youngest generation holds what is alive anyway (docs/performance.md has the
+# figures). The older generations' (2, 2) put a full pass about as many allocations apart as
+# CPython's defaults do, so what the failure paths leave in cycles (one per closed TLS stream,
+# inside trio) is collected as often as it would be without this.
+#
+# This relies on the query path making no reference cycles: a cycle per query would wait for
+# a full pass, tens of thousands of allocations later, and memory would grow with the load. The
+# easiest one to make: an exception kept to be raised later (a connection's, a race's) and then
+# raised in many tasks, each raise adding a frame that holds it to its traceback. So every kept
+# exception is stored and raised through errors.fresh (a copy without traceback), and
+# tests/test_no_cycles.py checks that answering and failing queries leave no cycle of ours.
 GC_THRESHOLDS = (10_000, 2, 2)
 T = TypeVar("T")
 
@@ -63,13 +74,24 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+UPSTREAM_SYNTAX = "HOST[:PORT][#AUTH_NAME][^PIN]"
+UPSTREAM_HELP = (
+    "DoT resolver, repeatable, tried in order: an IP address, the name its certificate must "
+    "carry after #, SPKI pins after ^ (default: Cloudflare 1.1.1.1 and 1.0.0.1, "
+    "#cloudflare-dns.com)"
+)
+CA_FILE_HELP = "trust these CA certificates instead of the system's"
+TIMEOUT_HELP = "deadline for each query (default: 5)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dot-proxy",
         description="Forward plain DNS (UDP and TCP) to resolvers over TLS (RFC 7858). "
-        "`dot-proxy check [--upstream ...]` tests the upstreams and exits.",
+        "`dot-proxy check --help` tells how to test the upstreams.",
         epilog="Every flag also reads DOT_PROXY_<FLAG> (e.g. DOT_PROXY_UPSTREAM); repeatable "
-        "flags take a comma-separated list there.",
+        "flags take a comma-separated list there. Example: dot-proxy --listen 127.0.0.1 "
+        "--port 5300",
     )
     add = parser.add_argument
     add("--version", action="version", version=f"dot-proxy {__version__}")
@@ -80,15 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         help="address to listen on, repeatable (default: 0.0.0.0 and ::)",
     )
     add("--port", metavar="N", help="port for UDP and TCP (default: 53)")
-    add(
-        "--upstream",
-        action="append",
-        metavar="HOST[:PORT][#AUTH_NAME]",
-        help="DoT resolver, repeatable, tried in order (default: Cloudflare "
-        "1.1.1.1 and 1.0.0.1, #cloudflare-dns.com)",
-    )
-    add("--ca-file", metavar="PEM", help="trust these CA certificates instead of the system's")
-    add("--timeout", metavar="SECONDS", help="deadline for each query (default: 5)")
+    add("--upstream", action="append", metavar=UPSTREAM_SYNTAX, help=UPSTREAM_HELP)
+    add("--ca-file", metavar="PEM", help=CA_FILE_HELP)
+    add("--timeout", metavar="SECONDS", help=TIMEOUT_HELP)
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     add(
         "--tcp-idle-timeout",
@@ -112,13 +128,6 @@ def _parser() -> argparse.ArgumentParser:
         help="queries being resolved at once, all clients (default: 2000)",
     )
     add(
-        "--no-reuse",
-        action="store_const",
-        const="true",
-        default=None,
-        help="open a new TLS connection for every query (slow; for comparison only)",
-    )
-    add(
         "--allow",
         action="append",
         metavar="CIDR",
@@ -139,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--user",
         metavar="NAME",
-        help="when started as root: bind the sockets, then run as this user",
+        help="when started as root: bind the sockets and read --ca-file, then run as this user",
     )
     add(
         "--no-padding",
@@ -157,7 +166,30 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         metavar="N|auto",
         help="processes serving the same port, each with its own upstream connections: "
-        "throughput on a machine with cores to spare; auto: one per usable core (default: 1)",
+        "throughput on a machine with cores to spare; auto: one per usable core, within the "
+        "CPU set and the cgroup CPU quota (default: 1)",
+    )
+    add(
+        "--cache-size",
+        metavar="N",
+        help="answers kept in the cache, least recently used dropped first; 0 turns the "
+        "cache off (default: 10000)",
+    )
+    add(
+        "--cache-min-ttl",
+        metavar="SECONDS",
+        help="keep and serve cached answers at least this long (default: 0)",
+    )
+    add(
+        "--cache-max-ttl",
+        metavar="SECONDS",
+        help="keep and serve cached answers at most this long (default: 86400)",
+    )
+    add(
+        "--serve-stale",
+        metavar="SECONDS",
+        help="keep expired answers this long, to answer with when the upstreams fail "
+        "(RFC 8767; 0: off; default: 86400)",
     )
     add(
         "--hedge-after",
@@ -197,85 +229,163 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dot-proxy check",
+        description="Connect to each upstream as the proxy would, authenticate it, send one "
+        "test query, and print what was found: TLS version, certificate names, the SPKI pin "
+        "of the key presented, and the answer. Exit status 0 if every upstream answered the "
+        "test query with NOERROR or NXDOMAIN, 1 if any failed (REFUSED included: the "
+        "upstream is reached but will not resolve for us), 2 for a bad flag.",
+        epilog="--upstream, --ca-file and --timeout also read DOT_PROXY_UPSTREAM, "
+        "DOT_PROXY_CA_FILE and DOT_PROXY_TIMEOUT, as the proxy does.",
+    )
+    add = parser.add_argument
+    add("--upstream", action="append", metavar=UPSTREAM_SYNTAX, help=UPSTREAM_HELP)
+    add("--ca-file", metavar="PEM", help=CA_FILE_HELP)
+    add("--timeout", metavar="SECONDS", help=TIMEOUT_HELP)
+    add(
+        "--query",
+        metavar="NAME",
+        default=".",
+        help="the test query: NAME's A record, or the root's NS records for '.' (default), "
+        "e.g. a name in its zone for a resolver that serves only its own zones",
+    )
+    return parser
+
+
 def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Turn arguments and environment into a validated :class:`Config`.
 
-    Error handling: raises :class:`ConfigError` naming the flag for any unusable value.
+    Error handling: raises :class:`ConfigError` naming the flag, or the environment variable
+    when the value came from one, for any unusable value.
     """
-    args = _parser().parse_args(argv)
-    value = _Lookup(args, environ)
-    ca_file = value.one("ca_file", str, None)
-    if ca_file is not None:
-        _check_ca_file(ca_file)
+    return _config_from(_parser().parse_args(argv), environ)
+
+
+def _config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    value = _Lookup([_Flags(args), _Environment(environ)], known=vars(args))
+    ca_file = value.one("ca-file", str, None)
+    ca_data = None if ca_file is None else _read_ca_file(ca_file, value.where("ca-file"))
     hosts_file = value.one("hosts", str, None)
-    if hosts_file is not None:
-        read_hosts(hosts_file)  # unreadable: exit 2 now; bad lines are logged when serving
-    log_level = value.one("log_level", str.upper, "INFO")
+    # Read now, as the CA file is (before --user): unreadable exits 2 here; its bad lines
+    # are logged when serving starts.
+    hosts_table, hosts_problems = (
+        (None, []) if hosts_file is None else read_hosts(hosts_file, where=value.where("hosts"))
+    )
+    log_level = value.one("log-level", str.upper, "INFO")
     if log_level not in LOG_LEVELS:
-        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        raise ConfigError(
+            f"{value.where('log-level')}: {log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+        )
     defaults = Config(upstreams=(parse_upstream(DEFAULT_UPSTREAMS[0]),))
+    upstreams = value.many("upstream", list(DEFAULT_UPSTREAMS))
+    listen = value.many("listen", list(defaults.listen))
+    allow = value.many("allow", list(defaults.allow))
+    forwards = value.many("forward", [])
     return Config(
-        upstreams=tuple(
-            parse_upstream(text) for text in value.many("upstream", list(DEFAULT_UPSTREAMS))
-        ),
-        listen=tuple(
-            parse_listen_address(text) for text in value.many("listen", list(defaults.listen))
-        ),
+        upstreams=tuple(parse_upstream(text, where=value.where("upstream")) for text in upstreams),
+        listen=tuple(parse_listen_address(text, where=value.where("listen")) for text in listen),
         port=value.one("port", int, defaults.port),
         ca_file=ca_file,
+        ca_data=ca_data,
         timeout=value.one("timeout", float, defaults.timeout),
         log_level=log_level,
-        tcp_idle_timeout=value.one("tcp_idle_timeout", float, defaults.tcp_idle_timeout),
-        reuse=not value.one("no_reuse", _boolean, False),
-        padding=not value.one("no_padding", _boolean, False),
-        allow=tuple(value.many("allow", list(defaults.allow))),
-        max_tcp_clients=value.one("max_tcp_clients", int, defaults.max_tcp_clients),
+        tcp_idle_timeout=value.one("tcp-idle-timeout", float, defaults.tcp_idle_timeout),
+        padding=not value.one("no-padding", _boolean, False),
+        allow=tuple(parse_allow(text, where=value.where("allow")) for text in allow),
+        max_tcp_clients=value.one("max-tcp-clients", int, defaults.max_tcp_clients),
         ratelimit=value.one("ratelimit", float, defaults.ratelimit),
         user=value.one("user", str, defaults.user),
-        max_connections=value.one("max_connections", int, defaults.max_connections),
-        max_pipeline=value.one("max_pipeline", int, defaults.max_pipeline),
+        max_connections=value.one("max-connections", int, defaults.max_connections),
+        max_pipeline=value.one("max-pipeline", int, defaults.max_pipeline),
         upstream_idle_timeout=value.one(
-            "upstream_idle_timeout", float, defaults.upstream_idle_timeout
+            "upstream-idle-timeout", float, defaults.upstream_idle_timeout
         ),
-        max_in_flight=value.one("max_in_flight", int, defaults.max_in_flight),
-        upstream_policy=value.one("upstream_policy", str.lower, defaults.upstream_policy),
-        hedge_after=value.one("hedge_after", _hedge_after, defaults.hedge_after),
+        max_in_flight=value.one("max-in-flight", int, defaults.max_in_flight),
+        upstream_policy=value.one("upstream-policy", str.lower, defaults.upstream_policy),
+        hedge_after=value.one("hedge-after", _hedge_after, defaults.hedge_after),
         workers=value.one("workers", _workers, defaults.workers),
-        forward=tuple(parse_forward(text) for text in value.many("forward", [])),
+        cache_size=value.one("cache-size", int, defaults.cache_size),
+        cache_min_ttl=value.one("cache-min-ttl", int, defaults.cache_min_ttl),
+        cache_max_ttl=value.one("cache-max-ttl", int, defaults.cache_max_ttl),
+        serve_stale=value.one("serve-stale", float, defaults.serve_stale),
+        forward=tuple(parse_forward(text, where=value.where("forward")) for text in forwards),
         hosts_file=hosts_file,
-        local_zones=not value.one("no_local_zones", _boolean, False),
-        keep_ecs=value.one("keep_ecs", _boolean, False),
+        hosts_table=hosts_table,
+        hosts_problems=tuple(hosts_problems),
+        local_zones=not value.one("no-local-zones", _boolean, False),
+        keep_ecs=value.one("keep-ecs", _boolean, False),
+        origins=MappingProxyType(value.origins),
     )
 
 
-class _Lookup:
-    """Flag, else environment variable, else default; converted, with errors naming the flag."""
+class _Source(Protocol):
+    """Where settings come from: flags, the environment (and, next, a config file)."""
 
-    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    def get(self, option: str) -> tuple[str, object] | None:
+        """``(name, raw value)`` for ``option`` ("hedge-after") if this source sets it.
+
+        ``name`` is how errors name the setting ("--hedge-after", "DOT_PROXY_HEDGE_AFTER",
+        "FILE: hedge-after"); the raw value is text, a list of texts for a repeatable flag,
+        or a typed value (a config file's number or boolean).
+        """
+
+
+class _Flags:
+    def __init__(self, args: argparse.Namespace) -> None:
         self._args = args
+
+    def get(self, option: str) -> tuple[str, object] | None:
+        given = getattr(self._args, option.replace("-", "_"), None)
+        return None if given is None else (flag(option), given)
+
+
+class _Environment:
+    def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def _raw(self, name: str) -> tuple[str, object]:
-        flag = "--" + name.replace("_", "-")
-        given = getattr(self._args, name)
-        if given is not None:
-            return flag, given
-        variable = ENV_PREFIX + name.upper()
+    def get(self, option: str) -> tuple[str, object] | None:
+        variable = ENV_PREFIX + option.replace("-", "_").upper()
         text = self._environ.get(variable, "").strip()
-        return (variable, text) if text else (flag, None)
+        return (variable, text) if text else None  # blank counts as unset
 
-    def one(self, name: str, convert: Callable[[str], T], default: T) -> T:
-        where, raw = self._raw(name)
+
+class _Lookup:
+    """Each setting from the first source that has it, else its default; converted, with
+    errors naming the setting as that source does. Remembers where each value came from."""
+
+    def __init__(self, sources: Sequence[_Source], *, known: Mapping[str, object]) -> None:
+        self._sources = sources
+        self._known = known  # the command's own options: `check` reads only its few
+        self.origins: dict[str, str] = {}
+
+    def where(self, option: str) -> str:
+        """How errors name ``option``: the source its value came from, else its flag."""
+        return self.origins.get(option, flag(option))
+
+    def _raw(self, option: str) -> object | None:
+        if option.replace("-", "_") not in self._known:
+            return None
+        for source in self._sources:
+            found = source.get(option)
+            if found is not None:
+                self.origins[option], raw = found
+                return raw
+        return None
+
+    def one(self, option: str, convert: Callable[[str], T], default: T) -> T:
+        raw = self._raw(option)
         if raw is None:
             return default
-        assert isinstance(raw, str)
+        text = raw if isinstance(raw, str) else str(raw)
         try:
-            return convert(raw)
+            return convert(text)
         except ValueError:
-            raise ConfigError(f"{where}: {raw!r} is not a valid value") from None
+            raise ConfigError(f"{self.where(option)}: {text!r} is not a valid value") from None
 
-    def many(self, name: str, default: list[str]) -> list[str]:
-        _where, raw = self._raw(name)
+    def many(self, option: str, default: list[str]) -> list[str]:
+        raw = self._raw(option)
         if raw is None:
             return default
         if isinstance(raw, str):
@@ -286,8 +396,8 @@ class _Lookup:
 
 def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
-        # The cores this process may run on (a container's CPU set), not the machine's.
-        return len(os.sched_getaffinity(0))
+        # The cores this process may use: its CPU set, within a container's CPU quota.
+        return usable_cores()
     return int(text)
 
 
@@ -309,13 +419,22 @@ def _boolean(text: str) -> bool:
     raise ValueError(text)
 
 
-def _check_ca_file(path: str) -> None:
+def _read_ca_file(path: str, where: str) -> str:
+    """The CA file's text, read now: before --user drops privileges, as servers read keys."""
     try:
-        make_ssl_context(ca_file=path)
+        with open(path, encoding="ascii") as file:
+            text = file.read()
     except FileNotFoundError:
-        raise ConfigError(f"--ca-file: {path!r} does not exist") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"--ca-file: {path!r} holds no usable CA certificate ({exc})") from None
+        raise ConfigError(f"{where}: {path!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path!r} is not PEM text") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path!r}: {exc.strerror or exc}") from None
+    try:
+        make_ssl_context(ca_file=path, ca_data=text)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"{where}: {path!r} holds no usable CA certificate ({exc})") from None
+    return text
 
 
 def _configure_logging(level: str, *, workers: int = 1) -> None:
@@ -328,7 +447,7 @@ def _configure_logging(level: str, *, workers: int = 1) -> None:
     )
 
 
-def _drop_privileges(user: str) -> None:
+def _drop_privileges(user: str, where: str = "--user") -> None:
     """Become ``user`` (and its group, no others) once the sockets are bound.
 
     Error handling: raises :class:`ConfigError` for an unknown user, or when not root and
@@ -337,11 +456,13 @@ def _drop_privileges(user: str) -> None:
     try:
         record = pwd.getpwnam(user)
     except KeyError:
-        raise ConfigError(f"--user: no such user {user!r}") from None
+        raise ConfigError(f"{where}: no such user {user!r}") from None
     if os.geteuid() == record.pw_uid:
         return
     if os.geteuid() != 0:
-        raise ConfigError(f"--user: only root can become {user!r}; start as root or drop --user")
+        raise ConfigError(
+            f"{where}: only root can become {user!r}; start as root or drop the setting"
+        )
     # Codecs load on first use, from the Python installation, which the new user may not be
     # allowed to read (a Python under /root): the socket module encodes every host name it
     # dials with "idna", so load that codec now, while still root.
@@ -352,13 +473,15 @@ def _drop_privileges(user: str) -> None:
     log.info("running as user %s (uid %d, gid %d)", user, record.pw_uid, record.pw_gid)
 
 
-def _check(args: list[str]) -> NoReturn:
+def _check(argv: list[str]) -> NoReturn:
     try:
-        config = build_config(args, os.environ)
+        args = _check_parser().parse_args(argv)
+        config = _config_from(args, os.environ)
+        query = make_test_query(args.query)
     except ConfigError as exc:
         print(f"dot-proxy check: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    sys.exit(trio.run(run_check, config))
+    sys.exit(trio.run(partial(run_check, config, query=query)))
 
 
 async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
@@ -400,14 +523,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         _configure_logging(config.log_level, workers=config.workers)
         socket_sets = bind_worker_sockets(config)
         if config.user is not None:
-            _drop_privileges(config.user)
+            _drop_privileges(config.user, config.name_of("user"))
     except ConfigError as exc:
         print(f"dot-proxy: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     # What exists now (modules, config, sockets) lives as long as the process: keep it out of
-    # the cyclic collector's full passes. They scanned all of it each time failing upstreams
-    # left a few thousand exception cycles behind: 30-70 ms pauses in the soak, enough for
-    # the UDP socket to overflow. Before forking, it also keeps workers' pages shared.
+    # the cyclic collector's full passes, so that a full pass scans only what serving made and
+    # stays short (a long one stops the serve loops while datagrams pile up in the kernel).
+    # Before forking, it also keeps the workers' pages shared.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
     if len(socket_sets) == 1:

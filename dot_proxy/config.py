@@ -2,16 +2,22 @@
 
 ``cli`` turns flags, ``DOT_PROXY_*`` variables and defaults into one :class:`Config`; this module
 holds the types, the defaults and the parsing of values that have a syntax of their own (an
-upstream spec). Every check raises :class:`ConfigError` with a message naming the setting.
+upstream spec, a client network). Every check raises :class:`ConfigError` with a message that
+names the setting as the user gave it: the flag (``--timeout``), the environment variable
+(``DOT_PROXY_TIMEOUT``) or, for a source such as a config file, whatever name that source
+records in ``Config.origins`` (``FILE: timeout``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from dot_proxy.core.access import DEFAULT_ALLOW
+from dot_proxy.core.cache import DEFAULT_CACHE_SIZE
 from dot_proxy.core.hosts import HostsProblem, HostsTable, parse_hosts
 from dot_proxy.core.pins import PinError, parse_pin
 from dot_proxy.core.zones import name_from_wire, name_to_wire
@@ -24,6 +30,8 @@ __all__ = [
     "PlainSpec",
     "UpstreamSpec",
     "cleartext_zones",
+    "flag",
+    "parse_allow",
     "parse_forward",
     "parse_listen_address",
     "parse_upstream",
@@ -61,8 +69,19 @@ class UpstreamSpec:
 
     @property
     def label(self) -> str:
-        """How logs and errors name this upstream."""
-        return f"{_host_port(self.host, self.port)}#{self.auth_name}"
+        """How logs and errors name this upstream: ``HOST:PORT#NAME``, or ``HOST:PORT`` when
+        no name is checked (pins alone authenticate it)."""
+        address = _host_port(self.host, self.port)
+        return f"{address}#{self.auth_name}" if self.check_name else address
+
+    @property
+    def description(self) -> str:
+        """The label and how the server is authenticated, for the startup log and ``check``."""
+        if not self.pins:
+            return self.label
+        if self.check_name:
+            return f"{self.label} ^{len(self.pins)} pin(s)"
+        return f"{self.label} ^{len(self.pins)} pin(s), no name checked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +123,11 @@ class ForwardZone:
         return any(isinstance(target, PlainSpec) for target in self.targets)
 
 
+def flag(option: str) -> str:
+    """The command-line flag of a setting: ``"hedge-after"`` → ``"--hedge-after"``."""
+    return "--" + option
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything the server needs, validated. Build with ``cli.build_config`` or directly."""
@@ -112,11 +136,13 @@ class Config:
     listen: tuple[str, ...] = ("0.0.0.0", "::")
     port: int = 53
     ca_file: str | None = None
+    # The PEM text of ca_file, read at start while the process may still read it (before
+    # --user drops privileges: a CA file only root may read is usual). None: read ca_file.
+    ca_data: str | None = field(default=None, repr=False)
     timeout: float = 5.0
     log_level: str = "INFO"
     tcp_idle_timeout: float = 10.0
     # Pool of upstream connections (RFC 7858 §3.4: reuse and pipeline).
-    reuse: bool = True
     max_connections: int = 4
     max_pipeline: int = 128
     upstream_idle_timeout: float = 10.0
@@ -134,51 +160,95 @@ class Config:
     hedge_after: float | None = None
     # Processes serving the same port (SO_REUSEPORT), each the whole proxy with its own pool.
     workers: int = 1
+    # The answer cache: how many answers (0 = off), TTL bounds, and how long an expired
+    # answer is kept to stand in when the upstreams fail (RFC 8767; 0 = never).
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_min_ttl: int = 0
+    cache_max_ttl: int = 86400
+    serve_stale: float = 86400.0
     # Split DNS: zones sent elsewhere than the default upstreams, a hosts file answered here,
     # the built-in local zones (RFC 6761, RFC 6303, RFC 8375), and whether a client's EDNS
     # Client Subnet option goes upstream (RFC 7871 §11.1: off by default).
     forward: tuple[ForwardZone, ...] = ()
     hosts_file: str | None = None
+    # The hosts file as read at start, while the process may still read it (before --user,
+    # as the CA file), and the problems found in it, for the start-up log. None: the server
+    # reads hosts_file itself. Re-read while serving when the file changes.
+    hosts_table: HostsTable | None = field(default=None, compare=False, repr=False)
+    hosts_problems: tuple[HostsProblem, ...] = field(default=(), compare=False, repr=False)
     local_zones: bool = True
     keep_ecs: bool = False
+    # Where each setting that was given came from, as errors must name it: option ("timeout")
+    # → "--timeout", "DOT_PROXY_TIMEOUT" or "FILE: timeout". Not part of the value.
+    origins: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def name_of(self, option: str) -> str:
+        """How an error names ``option`` (``"port"``): where its value came from, else its flag."""
+        return self.origins.get(option, flag(option))
 
     def __post_init__(self) -> None:
+        name = self.name_of
         if not self.upstreams:
-            raise ConfigError("--upstream: at least one upstream is needed")
+            raise ConfigError(f"{name('upstream')}: at least one upstream is needed")
         if not self.listen:
-            raise ConfigError("--listen: at least one address is needed")
-        _check_range("--port", self.port, 0, 65535)
-        _check_positive("--timeout", self.timeout)
-        _check_positive("--tcp-idle-timeout", self.tcp_idle_timeout)
-        _check_positive("--upstream-idle-timeout", self.upstream_idle_timeout)
-        _check_range("--max-connections", self.max_connections, 1, 1024)
+            raise ConfigError(f"{name('listen')}: at least one address is needed")
+        _check_range(name("port"), self.port, 0, 65535)
+        _check_positive(name("timeout"), self.timeout)
+        _check_positive(name("tcp-idle-timeout"), self.tcp_idle_timeout)
+        _check_positive(name("upstream-idle-timeout"), self.upstream_idle_timeout)
+        _check_range(name("max-connections"), self.max_connections, 1, 1024)
         # RFC 7766 §6.2.1: IDs must be unique among a connection's in-flight queries.
-        _check_range("--max-pipeline", self.max_pipeline, 1, 65535)
-        _check_range("--max-in-flight", self.max_in_flight, 1, 1_000_000)
-        _check_range("--max-tcp-clients", self.max_tcp_clients, 1, 1_000_000)
-        _check_range("--workers", self.workers, 1, 256)
+        _check_range(name("max-pipeline"), self.max_pipeline, 1, 65535)
+        _check_range(name("max-in-flight"), self.max_in_flight, 1, 1_000_000)
+        _check_range(name("max-tcp-clients"), self.max_tcp_clients, 1, 1_000_000)
+        _check_range(name("workers"), self.workers, 1, 256)
+        _check_range(name("cache-size"), self.cache_size, 0, 10_000_000)
+        # RFC 8767 §4 caps TTLs at 7 days; nothing is kept longer.
+        _check_range(name("cache-max-ttl"), self.cache_max_ttl, 1, 604_800)
+        _check_range(name("cache-min-ttl"), self.cache_min_ttl, 0, self.cache_max_ttl)
+        if not 0 <= self.serve_stale <= 604_800:
+            raise ConfigError(
+                f"{name('serve-stale')}: {self.serve_stale:g} must be 0 (off) to 604800 seconds"
+                " (7 days)"
+            )
         if not 0 <= self.ratelimit < float("inf"):
-            raise ConfigError(f"--ratelimit: {self.ratelimit} must be 0 (off) or a rate per second")
+            raise ConfigError(
+                f"{name('ratelimit')}: {self.ratelimit:g} must be 0 (off) or a rate per second"
+            )
         for network in self.allow:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ConfigError(f"--allow: {network!r} is not an address or network") from None
+            parse_allow(network, where=name("allow"))
         if self.upstream_policy not in UPSTREAM_POLICIES:
             raise ConfigError(
-                f"--upstream-policy: {self.upstream_policy!r} is not one of "
+                f"{name('upstream-policy')}: {self.upstream_policy!r} is not one of "
                 + ", ".join(UPSTREAM_POLICIES)
             )
-        if self.hedge_after is not None and not 0 <= self.hedge_after < self.timeout:
+        self._check_hedge_after()
+        self._check_forward()
+
+    def _check_hedge_after(self) -> None:
+        hedge_after = self.hedge_after
+        if hedge_after is None:
+            return
+        where = self.name_of("hedge-after")
+        if not hedge_after >= 0:  # also NaN
             raise ConfigError(
-                f"--hedge-after: {self.hedge_after} must be 0 (off) or less than --timeout"
+                f"{where}: {hedge_after:g} must not be negative (0 or off turns hedging off)"
             )
+        if hedge_after >= self.timeout:
+            raise ConfigError(
+                f"{where}: {hedge_after:g} must be less than the query timeout "
+                f"({self.timeout:g} s, {self.name_of('timeout')}), or 0 (off)"
+            )
+
+    def _check_forward(self) -> None:
         seen: set[bytes] = set()
         for forward in self.forward:
             if forward.zone in seen:
-                raise ConfigError(f"--forward: zone {forward.name} is given twice")
+                raise ConfigError(f"{self.name_of('forward')}: zone {forward.name} is given twice")
             if not forward.targets:
-                raise ConfigError(f"--forward: zone {forward.name} has no upstream")
+                raise ConfigError(f"{self.name_of('forward')}: zone {forward.name} has no upstream")
             seen.add(forward.zone)
 
     @property
@@ -193,28 +263,54 @@ class Config:
         return min(1.0, self.timeout / 4)
 
 
-def _check_range(flag: str, value: int, low: int, high: int) -> None:
+def _check_range(where: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
-        raise ConfigError(f"{flag}: {value} is out of range ({low} to {high})")
+        raise ConfigError(f"{where}: {value} is out of range ({low} to {high})")
 
 
-def _check_positive(flag: str, value: float) -> None:
+def _check_positive(where: str, value: float) -> None:
     if not 0 < value < float("inf"):  # also rejects NaN
-        raise ConfigError(f"{flag}: {value} must be a positive number of seconds")
+        raise ConfigError(f"{where}: {value:g} must be a positive number of seconds")
 
 
-def parse_listen_address(text: str) -> str:
-    """Validate one ``--listen`` value: an IPv4 or IPv6 address (brackets allowed)."""
+def parse_listen_address(text: str, *, where: str = "--listen") -> str:
+    """Validate one ``--listen`` value: an IPv4 or IPv6 address (brackets allowed).
+
+    ``where`` names the setting in the error (``--listen``, ``DOT_PROXY_LISTEN``, ...).
+    """
     address = text.strip()
     if address.startswith("[") and address.endswith("]"):
         address = address[1:-1]
     try:
         return str(ipaddress.ip_address(address))
     except ValueError:
-        raise ConfigError(f"--listen: {text!r} is not an IP address") from None
+        raise ConfigError(f"{where}: {text!r} is not an IP address") from None
 
 
-def parse_upstream(text: str, *, flag: str = "--upstream") -> UpstreamSpec:
+def parse_allow(text: str, *, where: str = "--allow") -> str:
+    """Validate one ``--allow`` value and return its normal form (``10.0.0.0/8``).
+
+    An address alone is that address (``/32``, ``/128``). A network with host bits set
+    (``10.0.0.1/8``) is refused rather than widened, as ``ip_network(strict=True)`` does: in an
+    access list the two readings, the network or the one host, differ by millions of addresses,
+    and only the user knows which was meant.
+    """
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=True))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not an address or network") from None
+    address = text.strip().partition("/")[0]
+    raise ConfigError(
+        f"{where}: {text!r} has host bits set: write the network {loose}, "
+        f"or {address}/{loose.max_prefixlen} for the one address"
+    )
+
+
+def parse_upstream(text: str, *, where: str = "--upstream") -> UpstreamSpec:
     """Parse ``HOST[:PORT][#AUTH_NAME][^PIN]...``; IPv6 as ``[ADDR]:PORT`` or a bare ``ADDR``.
 
     HOST must be an IP address: resolving a name would need DNS before DNS works, and the
@@ -222,7 +318,7 @@ def parse_upstream(text: str, *, flag: str = "--upstream") -> UpstreamSpec:
     base64 SHA-256 SPKI pin (RFC 7858 §4.2); give two for a backup key.
     """
     spec, *pin_texts = text.strip().split("^")
-    where = f"{flag}: {text!r}"
+    where = f"{where}: {text!r}"
     try:
         pins = tuple(dict.fromkeys(parse_pin(pin) for pin in pin_texts))
     except PinError as exc:
@@ -246,15 +342,17 @@ def parse_upstream(text: str, *, flag: str = "--upstream") -> UpstreamSpec:
     )
 
 
-def parse_forward(text: str) -> ForwardZone:
+def parse_forward(text: str, *, where: str = "--forward") -> ForwardZone:
     """Parse one ``--forward ZONE=SPEC`` value.
 
     SPEC is a list separated by ``|`` of upstreams written as for ``--upstream`` (DoT,
     verified, pins allowed), or of ``plain:HOST[:PORT]`` (cleartext, port 53 by default; IPv6
     in brackets, ``plain:[fd00::1]:53``), not both. ZONE may end with a dot; ``.`` is the root.
+    ``where`` names the setting in errors (``--forward``, ``DOT_PROXY_FORWARD``, ...).
     """
     zone_text, equals, spec = text.strip().partition("=")
-    where = f"--forward: {text!r}"
+    setting = where
+    where = f"{setting}: {text!r}"
     if not equals or not zone_text.strip() or not spec.strip():
         raise ConfigError(f"{where}: write ZONE=UPSTREAM[|UPSTREAM...]")
     try:
@@ -268,7 +366,7 @@ def parse_forward(text: str) -> ForwardZone:
         if item.lower().startswith(PLAIN_PREFIX):
             target: UpstreamSpec | PlainSpec = _parse_plain(item[len(PLAIN_PREFIX) :], where)
         else:
-            target = parse_upstream(item, flag="--forward")
+            target = parse_upstream(item, where=setting)
         if target in targets:
             raise ConfigError(f"{where}: {target.label} is listed twice")
         targets.append(target)
@@ -301,20 +399,20 @@ def cleartext_zones(config: Config) -> list[str]:
     ]
 
 
-def read_hosts(path: str) -> tuple[HostsTable, list[HostsProblem]]:
+def read_hosts(path: str, *, where: str = "--hosts") -> tuple[HostsTable, list[HostsProblem]]:
     """Read and parse a hosts file (``--hosts``); its problems are for the log, by line.
 
     Bytes that are not UTF-8 make only their own line a problem (a name that is not a host
-    name), not the whole file. Error handling: raises :class:`ConfigError` naming ``--hosts``
-    when the file cannot be read.
+    name), not the whole file. Error handling: raises :class:`ConfigError` naming ``where``
+    (``--hosts``, ``DOT_PROXY_HOSTS``, ...) when the file cannot be read.
     """
     try:
         with open(path, encoding="utf-8", errors="replace") as file:
             text = file.read()
     except FileNotFoundError:
-        raise ConfigError(f"--hosts: {path!r} does not exist") from None
+        raise ConfigError(f"{where}: {path!r} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"--hosts: {path!r} cannot be read ({exc.strerror or exc})") from None
+        raise ConfigError(f"{where}: {path!r} cannot be read ({exc.strerror or exc})") from None
     return parse_hosts(text)
 
 

@@ -1,4 +1,12 @@
-"""One query's path from client bytes to answer bytes, under one deadline; no sockets."""
+"""One query's life, from the client's bytes to the bytes to answer with; no sockets.
+
+The serve loops hand every query they read to :meth:`QueryHandler.answer_at_once`: a malformed
+query gets its error (or nothing), a cached one its answer, there and then, with no task and no
+await. Anything else comes back parsed, and the loop spawns a task that awaits
+:meth:`QueryHandler.answer`: the resolver under one deadline (RFC 7858 / the design's
+``trio.move_on_after(timeout)``), or SERVFAIL. The resolver gives every answer as the client must
+see it: its ID and question, cut to its UDP size.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,9 @@ from dataclasses import dataclass
 import trio
 
 from dot_proxy.config import Config
-from dot_proxy.core.edns import pad_query, strip_padding
-from dot_proxy.core.message import (
-    HEADER_SIZE,
-    Rcode,
-    error_reply,
-    parse_query,
-    replace_id,
-    truncate_for_udp,
-)
+from dot_proxy.core.message import Query, Rcode, error_reply, parse_query
 from dot_proxy.errors import UpstreamError, WireError
-from dot_proxy.upstream.group import UpstreamGroup
+from dot_proxy.resolver import Resolver
 
 __all__ = ["QueryHandler", "ServerStats"]
 
@@ -39,43 +39,51 @@ class ServerStats:
 
 
 class QueryHandler:
-    """Turns one query's bytes into the bytes to answer with, under one deadline."""
+    """Turns one query's bytes into the bytes to answer with."""
 
-    def __init__(self, resolver: UpstreamGroup, config: Config, stats: ServerStats) -> None:
+    def __init__(self, resolver: Resolver, config: Config, stats: ServerStats) -> None:
         self._resolver = resolver
         self._timeout = config.timeout
-        self._padding = config.padding
         self._stats = stats
 
-    async def answer(self, data: bytes, *, udp: bool) -> bytes | None:
-        """The answer to send back, or ``None`` to send nothing.
+    def answer_at_once(self, data: bytes, now: float, *, udp: bool) -> bytes | Query | None:
+        """What can be answered without waiting, or the parsed query to answer in a task.
 
-        Error handling: never raises but Cancelled. Malformed → FORMERR/NOTIMP or nothing;
-        upstream failure or timeout → SERVFAIL; a bug → SERVFAIL, logged with its traceback.
+        Bytes to send back (an error for a malformed query, a cached answer), ``None`` to send
+        nothing (a message not worth an answer), or the :class:`Query` for :meth:`answer`.
+        Never raises; never awaits.
         """
+        resolver = self._resolver
+        if (answer := resolver.answer_repeated(data, now, udp=udp)) is not None:
+            return answer
         try:
             query = parse_query(data)
-            # The query's question ends here, and so does a matched answer's (same key length).
-            question_end = HEADER_SIZE + len(query.question)
-            # RFC 8467 §4.1: padded on the encrypted hop; padding checks the EDNS options too.
-            if self._padding:
-                outgoing, added_opt = pad_query(data, question_end=question_end)
-            else:
-                outgoing, added_opt = data, False
         except WireError as exc:
             self._stats.malformed += 1
             log.debug("malformed query: %s", exc)
             return None if exc.rcode is None else error_reply(data, exc.rcode)
+        answer = resolver.answer_from_cache(data, query, now, udp=udp)
+        return query if answer is None else answer
+
+    async def answer_message(self, data: bytes, now: float, *, udp: bool) -> bytes | None:
+        """:meth:`answer_at_once`, then :meth:`answer` if need be: a serve loop's work in one
+        call, for callers with no loop of their own (the fuzzer)."""
+        outcome = self.answer_at_once(data, now, udp=udp)
+        if outcome is None or isinstance(outcome, bytes):
+            return outcome
+        return await self.answer(data, outcome, udp=udp)
+
+    async def answer(self, data: bytes, query: Query, *, udp: bool) -> bytes:
+        """The answer to ``query`` (``data`` as the client sent it), under one deadline.
+
+        Error handling: never raises but Cancelled. Upstream failure or timeout → SERVFAIL; a
+        bug → SERVFAIL, logged with its traceback.
+        """
         try:
-            # RFC 7858 / design: one deadline covers pool checkout, connect, handshake, send
-            # and receive, retries and failover included.
-            with trio.move_on_after(self._timeout) as scope:
-                answer = await self._resolver.resolve(outgoing, query.question_key, scope.deadline)
-                # RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT
-                # record we added for it is not the client's either.
-                answer = strip_padding(answer, remove_opt=added_opt, question_end=question_end)
-                answer = replace_id(answer, query.id)
-                return truncate_for_udp(answer, query.udp_limit) if udp else answer
+            # One deadline covers the cache's coalescing, pool checkout, connect, handshake,
+            # send and receive, retries and failover included.
+            with trio.move_on_after(self._timeout):
+                return await self._resolver.resolve(data, query, udp=udp)
             self._stats.timeouts += 1
             log.debug("no answer within %g s", self._timeout)
         except UpstreamError as exc:
@@ -84,4 +92,6 @@ class QueryHandler:
             self._stats.errors += 1
             log.exception("failed to answer a query")
         self._stats.servfail += 1
-        return error_reply(query, Rcode.SERVFAIL)
+        reply = error_reply(query, Rcode.SERVFAIL)
+        assert reply is not None  # a parsed query always has a header to reply to
+        return reply

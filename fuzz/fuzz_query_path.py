@@ -19,7 +19,9 @@ from pathlib import Path
 import atheris  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so the harness and the proxy come from this checkout
+# libFuzzer runs this file as a script, and fuzz/ is no installed package: its harness (and,
+# ahead of any installed copy, dot_proxy) come from this checkout.
+sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["dot_proxy"]):
     from fuzz.harness import QueryPath, TrioPump, run_input

@@ -33,7 +33,9 @@ import trio
 import trio.testing
 
 from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.core.cache import AnswerCache
 from dot_proxy.handler import QueryHandler, ServerStats
+from dot_proxy.resolver import Resolver
 from dot_proxy.upstream import connection as connection_module
 from dot_proxy.upstream.group import UpstreamGroup
 from dot_proxy.upstream.pool import Upstream
@@ -187,12 +189,15 @@ class QueryPath:
                         Upstream(spec, self._ssl_context, config, nursery)
                         for spec in config.upstreams
                     ]
-                    resolver = UpstreamGroup(upstreams, config, nursery, rng=random.Random(0))
-                    nursery.start_soon(resolver.run_hedger)
-                    nursery.start_soon(resolver.run_prober)
-                    handler = QueryHandler(resolver, config, stats)
+                    group = UpstreamGroup(upstreams, config, nursery, rng=random.Random(0))
+                    nursery.start_soon(group.run_hedger)
+                    nursery.start_soon(group.run_prober)
+                    # The cache is on, as by default: every answer the fake upstreams make up
+                    # goes through the cache's store too.
+                    cache = AnswerCache(size=config.cache_size)
+                    handler = QueryHandler(Resolver(group, config, nursery, cache), config, stats)
                     started = trio.current_time()
-                    answer = await handler.answer(case.message, udp=case.udp)
+                    answer = await handler.answer_message(case.message, started, udp=case.udp)
                     elapsed = trio.current_time() - started
                     nursery.cancel_scope.cancel()
         return Outcome(answer, elapsed, stats, tuple(network.sent))

@@ -16,7 +16,9 @@ from pathlib import Path
 from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so the harness and the proxy come from this checkout
+# Run as a script, and fuzz/ is no installed package: its harness (and, ahead of any
+# installed copy, dot_proxy) come from this checkout.
+sys.path.insert(0, str(ROOT))
 
 import dns.edns  # noqa: E402
 import dns.flags  # noqa: E402

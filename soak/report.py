@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors import GarbageStats, Kill, Sample, SlowlorisStats
+
 from dot_proxy.testing import realdns
-from soak.actors import GarbageStats, Kill, Sample, SlowlorisStats
 
 __all__ = ["LoadResult", "SoakRun", "Verdict", "render_markdown", "verdicts", "write_chart"]
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so the proxy and its testing helpers run from this checkout
+import actors
+from report import LoadResult, SoakRun, render_markdown, verdicts, write_chart
 
-from dot_proxy.testing import realdns  # noqa: E402
-from soak import actors  # noqa: E402
-from soak.report import LoadResult, SoakRun, render_markdown, verdicts, write_chart  # noqa: E402
+from dot_proxy.testing import realdns
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROXY_DEADLINE = 5.0  # dot-proxy's default --timeout
 _INTERVAL = re.compile(r"^(\d+\.\d+): (\d+\.\d+)$", re.MULTILINE)

@@ -400,18 +400,6 @@ async def ask(
     return dns.message.from_wire(answer)
 
 
-def patient_clock() -> trio.testing.MockClock:
-    """Virtual time for tests over loopback sockets.
-
-    Like pytest-trio's ``autojump_clock``, but the clock jumps to the next deadline only after
-    every task has been blocked for 10 ms of real time, not at once: on a busy machine bytes
-    written to loopback can take a moment to become readable, and a clock that jumps in that
-    moment would fire timeouts no real upstream caused. Virtual time still never moves while a
-    task runs, so timings measured with ``trio.current_time()`` stay exact.
-    """
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 async def eventually(predicate: Callable[[], bool], *, within: float = 30.0) -> None:
     """Wait (in virtual time, polling every millisecond) until ``predicate()`` holds."""
     with trio.fail_after(within):
@@ -450,20 +438,3 @@ def record_tls_writes(monkeypatch: pytest.MonkeyPatch) -> list[TlsWrite]:
     monkeypatch.setattr(trio.SSLStream, "send_all", send_all)
     monkeypatch.setattr(EagerSender, "send_nowait", send_nowait)
     return writes
-
-
-@pytest.fixture(name="hang_guard")
-async def hang_guard_fixture(nursery: trio.Nursery) -> None:
-    """Fail a test that would wait forever (for a reply that never comes) instead of hanging
-    the run: after 60 s of real time, or 1,000 s of virtual time under a MockClock (which
-    jumps there at once when nothing else is due). A test takes it as an argument,
-    ``hang_guard: None``, after ``from tests.fakes import hang_guard_fixture`` (pytest-trio runs
-    only the trio fixtures that are the test's arguments, not ``usefixtures`` ones)."""
-    virtual = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
-    limit = 1000.0 if virtual else 60.0
-
-    async def guard() -> None:
-        await trio.sleep(limit)
-        raise AssertionError(f"the test was still waiting after {limit:g} s: it hung")
-
-    nursery.start_soon(guard)

@@ -17,7 +17,7 @@ import trio.testing
 
 from dot_proxy.upstream.writer import BatchWriter
 from tests.conftest import StartUpstream
-from tests.fakes import ask, open_pool, patient_clock
+from tests.fakes import ask, open_pool
 
 
 class FakeEager:
@@ -191,8 +191,3 @@ async def test_a_lone_query_on_a_quiet_connection_never_wakes_its_writer(
             trio.lowlevel.remove_instrument(steps)
     assert answer.question[0].name.to_text() == "lone.writer.test."
     assert steps.steps == 0
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()

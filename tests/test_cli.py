@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +20,7 @@ from dot_proxy.cli import build_config
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve import sockets
-
-ROOT = Path(__file__).resolve().parent.parent
-# Bounds a broken run only; a healthy one takes a fraction of a second. Not a speed assertion.
-HANG_GUARD = 60.0
-
+from tests.processes import HANG_GUARD, ROOT, Proxy, run_dot_proxy
 
 # --- build_config ------------------------------------------------------------------------------
 
@@ -45,7 +37,6 @@ def test_defaults() -> None:
     assert config.timeout == 5.0
     assert config.log_level == "INFO"
     assert config.tcp_idle_timeout == 10.0
-    assert config.reuse is True
 
 
 FLAG_ENV_DEFAULT = [
@@ -92,11 +83,11 @@ def test_ca_file_from_flag_or_environment(ca_file: str, tmp_path: Path) -> None:
     )
 
 
-def test_no_reuse_from_flag_or_environment() -> None:
-    assert build_config(["--no-reuse"], {}).reuse is False
-    assert build_config([], {"DOT_PROXY_NO_REUSE": "true"}).reuse is False
-    assert build_config([], {"DOT_PROXY_NO_REUSE": "0"}).reuse is True
-    assert build_config(["--no-reuse"], {"DOT_PROXY_NO_REUSE": "false"}).reuse is False
+def test_no_padding_from_flag_or_environment() -> None:
+    assert build_config(["--no-padding"], {}).padding is False
+    assert build_config([], {"DOT_PROXY_NO_PADDING": "true"}).padding is False
+    assert build_config([], {"DOT_PROXY_NO_PADDING": "0"}).padding is True
+    assert build_config(["--no-padding"], {"DOT_PROXY_NO_PADDING": "false"}).padding is False
 
 
 def test_repeatable_flags_keep_their_order() -> None:
@@ -191,6 +182,14 @@ BAD_FLAGS = [
     ["--max-pipeline", "70000"],
     ["--max-in-flight", "0"],
     ["--max-in-flight", "lots"],
+    ["--hedge-after", "-1"],
+    ["--hedge-after", "9"],
+    ["--allow", "10.0.0.1/8"],
+    ["--allow", "10.0.0.0/33"],
+    ["--ratelimit", "-1"],
+    ["--upstream-policy", "random"],
+    ["--workers", "0"],
+    ["--max-tcp-clients", "0"],
 ]
 
 
@@ -199,18 +198,105 @@ def test_bad_flag_value_names_the_flag(argv: list[str]) -> None:
     with pytest.raises(ConfigError) as raised:
         build_config(argv, {})
     message = str(raised.value)
-    assert argv[0] in message
+    assert message.startswith(argv[0] + ":"), message
+    assert "DOT_PROXY_" not in message
     assert "\n" not in message
 
 
 @pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
-def test_bad_environment_value_names_the_setting(argv: list[str]) -> None:
+def test_bad_environment_value_names_the_variable_every_time(argv: list[str]) -> None:
+    # Whether the conversion, the range check or a relation between settings finds it, the
+    # error names where the value came from: the variable, never the flag the user did not use.
     variable = "DOT_PROXY_" + argv[0][2:].replace("-", "_").upper()
     with pytest.raises(ConfigError) as raised:
         build_config([], {variable: argv[1]})
     message = str(raised.value)
-    assert variable in message or argv[0] in message
+    assert message.startswith(variable + ":"), message
+    assert argv[0] + ":" not in message
     assert "\n" not in message
+
+
+def test_a_relation_names_each_setting_where_it_came_from() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(["--hedge-after", "3"], {"DOT_PROXY_TIMEOUT": "2"})
+    assert str(raised.value) == (
+        "--hedge-after: 3 must be less than the query timeout (2 s, DOT_PROXY_TIMEOUT), or 0 (off)"
+    )
+
+
+def test_a_negative_hedge_budget_is_called_negative() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config(["--hedge-after", "-1"], {})
+    assert str(raised.value) == (
+        "--hedge-after: -1 must not be negative (0 or off turns hedging off)"
+    )
+
+
+def test_origins_name_a_setting_from_another_source() -> None:
+    # What a config file (or any later source) records in origins is how errors name it.
+    with pytest.raises(ConfigError, match=r"^proxy\.toml: timeout: -1 must be a positive"):
+        Config(upstreams=UPSTREAMS, timeout=-1, origins={"timeout": "proxy.toml: timeout"})
+    assert Config(upstreams=UPSTREAMS).name_of("timeout") == "--timeout"
+
+
+UPSTREAMS = (UpstreamSpec("192.0.2.1", 853, "one.test"),)
+
+
+def test_allow_keeps_the_normal_form_and_refuses_host_bits() -> None:
+    config = build_config(["--allow", "10.0.0.0/8", "--allow", "192.0.2.7", "--allow", "::1"], {})
+    assert config.allow == ("10.0.0.0/8", "192.0.2.7/32", "::1/128")
+    with pytest.raises(ConfigError) as raised:
+        build_config([], {"DOT_PROXY_ALLOW": "127.0.0.0/8, 10.0.0.1/8"})
+    assert str(raised.value) == (
+        "DOT_PROXY_ALLOW: '10.0.0.1/8' has host bits set: write the network 10.0.0.0/8, "
+        "or 10.0.0.1/32 for the one address"
+    )
+
+
+def test_a_pin_only_upstream_is_shown_without_a_name() -> None:
+    pin = "A" * 43 + "="
+    pinned = build_config(["--upstream", f"127.0.0.1:8853^{pin}"], {}).upstreams[0]
+    assert pinned.label == "127.0.0.1:8853"
+    assert pinned.description == "127.0.0.1:8853 ^1 pin(s), no name checked"
+    both = build_config(["--upstream", f"[::1]:8853#dns.test^{pin}"], {}).upstreams[0]
+    assert both.description == "[::1]:8853#dns.test ^1 pin(s)"
+    plain = build_config(["--upstream", "192.0.2.1"], {}).upstreams[0]
+    assert plain.description == plain.label == "192.0.2.1:853#192.0.2.1"
+
+
+def test_help_shows_the_whole_upstream_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--upstream HOST[:PORT][#AUTH_NAME][^PIN]" in shown
+    assert "5353" not in shown
+
+
+def test_check_help_is_the_checks_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: dot-proxy check")
+    assert "--upstream HOST[:PORT][#AUTH_NAME][^PIN]" in shown
+    assert "--query NAME" in shown
+    assert "--workers" not in shown  # the server's flags are not the check's
+
+
+def test_check_takes_only_its_own_flags_and_variables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A variable meant for the server (a container's environment) does not stop a check.
+    monkeypatch.setenv("DOT_PROXY_PORT", "not a port")
+    monkeypatch.setenv("DOT_PROXY_TIMEOUT", "-1")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--upstream", "192.0.2.1#one.test"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("dot-proxy check: DOT_PROXY_TIMEOUT: -1")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--workers", "2"])
+    assert exited.value.code == 2
 
 
 def test_unusable_ca_file_names_the_flag(tmp_path: Path) -> None:
@@ -245,9 +331,8 @@ def test_no_permission_for_a_low_port_says_how_to_choose_another(
     assert exited.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
-    assert "--port" in lines[0]
-    assert "53" in lines[0]
-    assert "--port 5353" in lines[0] or "another port" in lines[0]
+    assert lines[0].startswith("dot-proxy: --port: no permission to listen on 127.0.0.1:53")
+    assert lines[0].endswith("choose another port, e.g. --port 5300")
 
 
 def test_config_validates_when_built_directly() -> None:
@@ -256,25 +341,6 @@ def test_config_validates_when_built_directly() -> None:
 
 
 # --- as a subprocess ----------------------------------------------------------------------------
-
-
-def _environment(**variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOT_PROXY_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(variables)
-    return env
-
-
-def _run(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dot_proxy", *args],
-        cwd=ROOT,
-        env=_environment(**variables),
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-        check=False,
-    )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -295,14 +361,15 @@ def _assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: s
         (["--upstream", "dns.google"], {}, "--upstream"),
         (["--log-level", "chatty"], {}, "--log-level"),
         (["--bogus"], {}, "--bogus"),
-        ([], {"DOT_PROXY_PORT": "none"}, "DOT_PROXY_PORT"),
-        ([], {"DOT_PROXY_UPSTREAM": "1.1.1.1:99999"}, "--upstream"),
+        ([], {"DOT_PROXY_PORT": "none"}, "DOT_PROXY_PORT: "),
+        ([], {"DOT_PROXY_TIMEOUT": "-1"}, "DOT_PROXY_TIMEOUT: "),
+        ([], {"DOT_PROXY_UPSTREAM": "1.1.1.1:99999"}, "DOT_PROXY_UPSTREAM: "),
     ],
 )
 def test_bad_value_exits_2_with_one_line(
     args: list[str], variables: dict[str, str], needle: str
 ) -> None:
-    _assert_one_line_error(_run(*args, **variables), needle)
+    _assert_one_line_error(run_dot_proxy(*args, **variables), needle)
 
 
 @pytest.fixture
@@ -321,13 +388,29 @@ def occupied_port() -> Iterator[int]:
 
 
 def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:
-    result = _run("--listen", "127.0.0.1", "--port", str(occupied_port))
-    _assert_one_line_error(result, "already in use", str(occupied_port))
+    result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(occupied_port))
+    _assert_one_line_error(result, "--port: ", "already in use", str(occupied_port))
+
+
+@pytest.mark.parametrize(("taken", "suggested"), [(5300, "8053"), (5353, "5300"), (53, "5300")])
+def test_a_port_in_use_suggests_another_one(
+    monkeypatch: pytest.MonkeyPatch, taken: int, suggested: str
+) -> None:
+    def in_use(address: str, port: int, kind: int, reuse_port: bool) -> socket.socket:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(sockets, "_bind_one", in_use)
+    config = build_config(["--listen", "127.0.0.1"], {"DOT_PROXY_PORT": str(taken)})
+    with pytest.raises(ConfigError) as raised:
+        sockets.bind_sockets(config)
+    message = str(raised.value)
+    assert message.startswith(f"DOT_PROXY_PORT: 127.0.0.1:{taken} is already in use")
+    assert message.endswith(f"e.g. DOT_PROXY_PORT={suggested}")
 
 
 def test_workers_on_a_port_in_use_exit_2_with_one_line(occupied_port: int) -> None:
     # Another program's sockets have no SO_REUSEPORT: the workers cannot share its port.
-    result = _run("--listen", "127.0.0.1", "--port", str(occupied_port), "--workers", "2")
+    result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(occupied_port), "--workers", "2")
     _assert_one_line_error(result, "already in use", str(occupied_port))
 
 
@@ -335,59 +418,8 @@ def test_udp_port_in_use_exits_2_with_one_line() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.bind(("127.0.0.1", 0))
         port = udp.getsockname()[1]
-        result = _run("--listen", "127.0.0.1", "--port", str(port))
+        result = run_dot_proxy("--listen", "127.0.0.1", "--port", str(port))
     _assert_one_line_error(result, "already in use")
-
-
-class Proxy:
-    """``python -m dot_proxy`` as a subprocess, its stderr read line by line in a thread."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "dot_proxy", *args],
-            cwd=ROOT,
-            env=_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for_port(self) -> int:
-        """The UDP port, read from the 'listening on' startup line."""
-        while True:
-            line = self.lines.get(timeout=HANG_GUARD)
-            assert line is not None, "exited before listening:\n" + "".join(self.stderr)
-            self.stderr.append(line)
-            found = re.search(r"listening on udp 127\.0\.0\.1:(\d+)", line)
-            if found:
-                return int(found.group(1))
-
-    def finish(self) -> int:
-        code = self.process.wait(timeout=HANG_GUARD)
-        self._reader.join(timeout=HANG_GUARD)
-        while not self.lines.empty():
-            line = self.lines.get()
-            if line is not None:
-                self.stderr.append(line)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 def udp_servfail(port: int) -> None:
@@ -428,6 +460,17 @@ def test_every_upstream_in_the_readme_examples_parses() -> None:
     pinned = {spec.auth_name: spec.pins for spec in specs if spec.pins}
     assert pinned["cloudflare-dns.com"] == ("SPfg6FluPIlUc6a5h313BDCxQYNGX+THTy7ig5X3+VA=",)
     assert pinned["dns.quad9.net"] == ("i2kObfz0qIKCGNWt7MjBUeSrh0Dyjb0/zWINImZES+I=",)
+
+
+def test_the_readme_examples_use_a_port_that_is_free_on_a_desktop() -> None:
+    # 5353 is mDNS's (avahi holds it on many desktops): an example on it fails as pasted.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert not re.search(r"(--port|-p) 5353\b", readme)
+    assert "--port 5300" in readme
+    # kdig opens a connection per query unless told +keepopen.
+    for line in re.findall(r"kdig .*", readme):
+        if line.count(" A") + line.count(" MX") > 1:
+            assert "+keepopen" in line, line
 
 
 def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:

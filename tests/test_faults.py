@@ -5,10 +5,10 @@ behind — no upstream connection, no task, no file descriptor.
 One fake DoT upstream misbehaves in a given way, before or after the TLS handshake; then it
 heals, and the next query must be answered. Every test ends by waiting (in virtual time) for the
 proxy to return to the steady state it started in, and compares counts: upstream connections
-(``Upstream.connections``, through the resolver ``serve`` opened), trio tasks in the whole task
+(``Upstream.connections``, through the proxy's ``resolver``), trio tasks in the whole task
 tree (the fake's included, so a connection the proxy forgot to close shows up as the fake's
 handler still running), and this process's open file descriptors. The proxy and the fake run
-in this process, on loopback, under :func:`tests.fakes.patient_clock`.
+in this process, on loopback, under virtual time (``clock``, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ import trio
 import trio.testing
 import trustme
 
-import dot_proxy.serve.server
-from dot_proxy.config import Config
 from dot_proxy.core.message import message_id
 from dot_proxy.upstream.group import UpstreamGroup
 from tests.clients import TcpClient, query
@@ -45,7 +43,6 @@ from tests.fakes import (
     close_mid_frame,
     garbage_after,
     hang,
-    patient_clock,
 )
 
 TIMEOUT = 5.0  # the client's deadline (the proxy's default)
@@ -57,27 +54,6 @@ AT_ONCE = 0.25
 UPSTREAM_IDLE = 2.0
 GOOD = "192.0.2.1"  # what answer_for answers
 LATE = "198.51.100.99"
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
-
-
-@pytest.fixture
-def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
-    """The resolver of every proxy this test starts (the proxy does not expose it)."""
-    caught: list[UpstreamGroup] = []
-    original = dot_proxy.serve.server.open_upstream_group
-
-    @asynccontextmanager
-    async def catching(config: Config) -> AsyncIterator[UpstreamGroup]:
-        async with original(config) as resolver:
-            caught.append(resolver)
-            yield resolver
-
-    monkeypatch.setattr(dot_proxy.serve.server, "open_upstream_group", catching)
-    return caught
 
 
 # --- the faulty upstream -------------------------------------------------------------------------
@@ -328,13 +304,12 @@ async def start_faulty(
     ca: trustme.CA,
     nursery: trio.Nursery,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> Callable[[Fault], Awaitable[Setup]]:
     async def start(fault: Fault) -> Setup:
         fake = Faulty(ca, behaviour=fault.behaviour, raw=fault.raw)
         await nursery.start(fake.serve)
         proxy = await start_proxy([fake], timeout=TIMEOUT, upstream_idle_timeout=UPSTREAM_IDLE)
-        [resolver] = resolvers
+        resolver = proxy.group
         return Setup(fake, proxy, resolver, await Steady.now(resolver))
 
     return start

@@ -4,7 +4,7 @@ RFC 7766 §6.2.3 lets a server limit and close client connections; RFC 9210 asks
 serving pipelined queries. What is already covered elsewhere is not repeated here: a UDP query
 over ``--max-in-flight`` dropped and counted (tests/test_server_lifecycle.py), a half-sent frame
 closed after the idle time while others are served (tests/test_server_tcp.py). All on virtual
-time (:func:`tests.fakes.patient_clock`): timings are exact and nothing waits on the wall clock.
+time (the ``clock`` fixture): timings are exact and nothing waits on the wall clock.
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ from tests.fakes import (
     answering,
     eventually,
     hang,
-    patient_clock,
     txt_answer_for,
 )
 
 TIMEOUT = 5.0  # the proxy's deadline
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 def tasks_named(name: str) -> list[trio.lowlevel.Task]:

@@ -24,7 +24,7 @@ from dot_proxy.errors import (
 )
 from dot_proxy.upstream.plain import PlainUpstream
 from dot_proxy.upstream.race import Race
-from tests.fakes import answer_for, patient_clock
+from tests.fakes import answer_for
 
 Address = tuple[str, int]
 UdpBehaviour = Callable[["FakePlainServer", bytes, Address], Awaitable[None]]
@@ -105,12 +105,6 @@ class FakePlainServer:
 
 
 StartServer = Callable[..., Awaitable[FakePlainServer]]
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only once loopback has been quiet for 10 ms (tests/fakes.py)."""
-    return patient_clock()
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
 """The layers hold: the pure core imports no trio, and imports only run downhill.
 
 The package is a stack of layers (docs/architecture.md): the edge (``cli``, ``check``,
-``workers``), the client side (``serve/``), one query's life (``handler``), the upstream side
-(``upstream/``), the configuration, the pure core (``core/``) and the error tree. A module may
-import its own layer and the layers below it, never one above. ``testing/`` is a helper for
-tests, benchmarks and the soak: it may import anything, and nothing of the package imports it.
+``workers``), the client side (``serve/``), one query's life (``handler``), the answer policy
+(``resolver``: cache, coalescing), the upstream side (``upstream/``), the configuration, the
+pure core (``core/``) and the error tree. A module may import its own layer and the layers
+below it, never one above. ``testing/`` is a helper for tests, benchmarks and the soak: it may
+import anything, and nothing of the package imports it.
 
 The graph is read from the source with ``ast`` (no import runs), so a new module is checked
 the moment it exists; the purity check then imports the core in a fresh interpreter, because
@@ -25,9 +26,16 @@ PACKAGE = ROOT / "dot_proxy"
 
 # Top to bottom. A module's layer is the first entry that names it or its folder.
 LAYERS: list[tuple[str, ...]] = [
-    ("dot_proxy.__main__", "dot_proxy.cli", "dot_proxy.check", "dot_proxy.workers"),
+    (
+        "dot_proxy.__main__",
+        "dot_proxy.cli",
+        "dot_proxy.check",
+        "dot_proxy.workers",
+        "dot_proxy.cpus",
+    ),
     ("dot_proxy.serve",),
     ("dot_proxy.handler",),
+    ("dot_proxy.resolver",),
     ("dot_proxy.upstream",),
     ("dot_proxy.config",),
     ("dot_proxy.core",),
@@ -104,7 +112,7 @@ CORE = sorted(name for name, _ in MODULES if name.startswith("dot_proxy.core."))
 
 
 def test_the_core_folder_holds_the_pure_modules() -> None:
-    expected = {"access", "edns", "framing", "health", "message", "pins"}
+    expected = {"access", "cache", "edns", "framing", "health", "message", "pins"}
     assert expected <= {name.rpartition(".")[2] for name in CORE}
 
 

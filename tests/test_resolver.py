@@ -1,17 +1,16 @@
 """Several upstreams through the whole proxy: failover, health, probes, policies, hedging.
 
 Every test runs the proxy in-process with two or three fake DoT upstreams on loopback and asks
-it over UDP, on virtual time (:func:`tests.fakes.patient_clock`), so timings are exact to the
+it over UDP, on virtual time (the ``clock`` fixture), so timings are exact to the
 scheduler and nothing waits on the wall clock. Each fake answers with its own address, so the
-answer says which upstream gave it. The proxy does not expose its resolver; the ``resolvers``
-fixture catches the one ``serve`` opens, to look at its health records.
+answer says which upstream gave it. ``proxy.group`` is the upstream group the test's proxy
+asks (``start_proxy`` hands it to ``serve``), to look at its health records.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator, Mapping
 
 import dns.message
 import dns.name
@@ -24,10 +23,9 @@ import trio
 import trio.testing
 import trustme
 
-import dot_proxy.serve.server
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.health import TIMEOUTS_TO_DOWN
-from dot_proxy.upstream.group import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL, UpstreamGroup
+from dot_proxy.upstream.group import HEDGE_FLOOR, HEDGER_RESOLUTION, PROBE_INTERVAL
 from dot_proxy.upstream.race import Race
 from tests.clients import query, udp_exchange
 from tests.conftest import RunningProxy, StartProxy, StartUpstream
@@ -40,7 +38,6 @@ from tests.fakes import (
     answer_for,
     answering,
     hang,
-    patient_clock,
 )
 
 A, B, C = "192.0.2.1", "192.0.2.2", "192.0.2.3"
@@ -49,27 +46,6 @@ TIMEOUT = Config(upstreams=(parse_upstream("127.0.0.1#dns.test"),)).timeout  # t
 # so anything that needs none takes (virtually) no time; 0.05 s leaves room for a clock jump
 # or two of the hedger's 20 ms tick on a busy machine.
 AT_ONCE = 0.05
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
-
-
-@pytest.fixture
-def resolvers(monkeypatch: pytest.MonkeyPatch) -> list[UpstreamGroup]:
-    """The resolver of every proxy this test starts, in order."""
-    caught: list[UpstreamGroup] = []
-    original = dot_proxy.serve.server.open_upstream_group  # type: ignore[attr-defined]
-
-    @asynccontextmanager
-    async def catching(config: Config) -> AsyncIterator[UpstreamGroup]:
-        async with original(config) as resolver:
-            caught.append(resolver)
-            yield resolver
-
-    monkeypatch.setattr(dot_proxy.serve.server, "open_upstream_group", catching)
-    return caught
 
 
 # --- fakes ---------------------------------------------------------------------------------------
@@ -241,14 +217,13 @@ async def test_a_refused_first_upstream_fails_over_to_the_second_at_once(
     closed_port: ClosedPort,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     second = await start_upstream(answering(from_address(B)))
     proxy = await start_proxy([closed_port, second])
     answer, elapsed = await ask(proxy, "first")
     assert address(answer) == B
     assert elapsed < AT_ONCE
-    [resolver] = resolvers
+    resolver = proxy.group
     assert resolver.health[0].down
     assert not resolver.health[1].down
     assert proxy.stats.servfail == 0
@@ -260,13 +235,12 @@ async def test_a_failed_upstream_is_skipped_probed_and_comes_back(
     nursery: trio.Nursery,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     first = Refusing(ca, behaviour=answering(from_address(A)))
     await start(nursery, first)
     second = await start_upstream(answering(from_address(B)))
     proxy = await start_proxy([first, second])
-    [resolver] = resolvers
+    resolver = proxy.group
     health = resolver.health[0]
 
     # The first refuses: the client is answered by the second at once, and the first is down.
@@ -316,14 +290,13 @@ async def test_all_down_the_client_is_answered_as_soon_as_one_works(
     ca: trustme.CA,
     nursery: trio.Nursery,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     first = Refusing(ca, behaviour=answering(from_address(A)))
     second = Refusing(ca, behaviour=answering(from_address(B)))
     await start(nursery, first)
     await start(nursery, second)
     proxy = await start_proxy([first, second])
-    [resolver] = resolvers
+    resolver = proxy.group
 
     # Both refuse: SERVFAIL, promptly (not at the deadline).
     request = query(name("none"), "A")
@@ -356,7 +329,6 @@ async def test_a_hedge_never_goes_to_a_down_upstream(
     nursery: trio.Nursery,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     # The issue: a hedge goes to "the next healthy upstream". A down one is left to the
     # prober and its backoff; client queries that are merely slow must not hammer it.
@@ -364,7 +336,7 @@ async def test_a_hedge_never_goes_to_a_down_upstream(
     await start(nursery, first)
     second = await start_upstream(by_kind(B, {"slow": 0.2}))  # past the 0.1 s floor
     proxy = await start_proxy([first, second])
-    [resolver] = resolvers
+    resolver = proxy.group
     assert await address_of(proxy, "warm") == B  # the first fails; the second answers
     assert resolver.health[0].down
     assert first.connections == 1
@@ -404,7 +376,6 @@ async def test_fastest_prefers_the_lower_latency_upstream(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     slow = await start_upstream(answer_after(0.1, from_address(A)))
     fast = await start_upstream(answer_after(0.01, from_address(B)))
@@ -414,7 +385,7 @@ async def test_fastest_prefers_the_lower_latency_upstream(
     assert answered_by[:2] == [A, B]
     # ... then, weighted 1/rtt² (100 against 10000), the fast one gets nearly every query.
     assert answered_by.count(B) >= 30
-    [resolver] = resolvers
+    resolver = proxy.group
     assert resolver.health[0].rtt == pytest.approx(0.1, abs=0.01)
     assert resolver.health[1].rtt == pytest.approx(0.01, abs=0.005)
 
@@ -514,14 +485,13 @@ async def test_a_hedged_query_is_abandoned_without_harm_to_its_connection(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     # The first answers "slow" names after 2 s, "other" after 0.5 s and the rest at once; the
     # second answers "slow" at once and never answers "other".
     first = await start_upstream(by_kind(A, {"slow": 2.0, "other": 0.5}))
     second = await start_upstream(by_kind(B, {"other": None}))
     proxy = await start_proxy([first, second])  # hedge_after: auto
-    [resolver] = resolvers
+    resolver = proxy.group
     assert await address_of(proxy, "fast0") == A  # the first's connection is open
 
     other: dict[str, object] = {}
@@ -654,13 +624,12 @@ async def test_a_soft_failure_is_retried_on_the_next_upstream(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
     rcode: dns.rcode.Rcode,
 ) -> None:
     first = await start_upstream(answering(soft_failure(rcode, "first")))
     second = await start_upstream(answering(from_address(B)))
     proxy = await start_proxy([first, second])
-    [resolver] = resolvers
+    resolver = proxy.group
     for index in range(6):
         answer, elapsed = await ask(proxy, f"soft{index}")
         assert address(answer) == B
@@ -688,7 +657,6 @@ async def test_when_every_upstream_fails_softly_the_last_answer_is_passed_on(
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
     rcodes: tuple[dns.rcode.Rcode, dns.rcode.Rcode],
     expected_rcode: dns.rcode.Rcode,
     expected_tag: str,
@@ -696,7 +664,7 @@ async def test_when_every_upstream_fails_softly_the_last_answer_is_passed_on(
     first = await start_upstream(answering(soft_failure(rcodes[0], "first")))
     second = await start_upstream(answering(soft_failure(rcodes[1], "second")))
     proxy = await start_proxy([first, second])
-    [resolver] = resolvers
+    resolver = proxy.group
     for index in range(4):
         answer, elapsed = await ask(proxy, f"bad{index}")
         assert answer.rcode() == expected_rcode
@@ -718,11 +686,10 @@ async def test_every_upstream_hanging_gives_servfail_at_the_deadline_and_leaks_n
     clock: trio.testing.MockClock,
     start_upstream: StartUpstream,
     start_proxy: StartProxy,
-    resolvers: list[UpstreamGroup],
 ) -> None:
     fakes = [await start_upstream(hang) for _ in range(3)]
     proxy = await start_proxy(fakes, timeout=TIMEOUT)
-    [resolver] = resolvers
+    resolver = proxy.group
     await trio.testing.wait_all_tasks_blocked()
     baseline = len(all_tasks())
 

@@ -21,17 +21,7 @@ from tests.fakes import (
     answer_after,
     close_mid_frame,
     hang,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
-    patient_clock,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only once every task has waited 10 ms of real time (see
-    :func:`tests.fakes.patient_clock`): loopback bytes in flight never count as idle."""
-    return patient_clock()
-
 
 EXCHANGES = [pytest.param(udp_exchange, id="udp"), pytest.param(tcp_exchange, id="tcp")]
 TIMEOUT = 5.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any
 
 import dns.message
@@ -14,6 +15,7 @@ import trio.testing
 
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.handler import ServerStats
+from dot_proxy.resolver import open_resolver
 from dot_proxy.serve.server import serve
 from dot_proxy.serve.sockets import UDP_RECEIVE_BUFFER, bind_sockets
 from tests.clients import TcpClient, query, receive_until_closed, udp_exchange, udp_send
@@ -22,17 +24,7 @@ from tests.fakes import (
     FakeUpstream,
     answer_after,
     hang,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
-    patient_clock,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only once every task has waited 10 ms of real time (see
-    :func:`tests.fakes.patient_clock`): loopback bytes in flight never count as idle."""
-    return patient_clock()
-
 
 GRACE = 1.0
 
@@ -69,6 +61,25 @@ async def _serve(
     return served
 
 
+async def _send(transport: str, port: int, request: dns.message.Message) -> Any:
+    """Send ``request`` over a new UDP socket or TCP connection; the client, to receive on."""
+    if transport == "udp":
+        return await udp_send(port, request.to_wire())
+    client = await TcpClient.connect(port)
+    await client.send(request.to_wire())
+    return client
+
+
+async def _receive(transport: str, client: Any) -> bytes | None:
+    """The answer to :func:`_send`'s query (a UDP socket is closed after)."""
+    if transport == "udp":
+        with client:
+            reply: bytes = await client.recv(65535)
+            return reply
+    answer: bytes | None = await client.receive()
+    return answer
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_stop_lets_the_query_in_flight_finish(
     hang_guard: None,
@@ -81,19 +92,11 @@ async def test_stop_lets_the_query_in_flight_finish(
     async with trio.open_nursery() as nursery:
         served = await _serve(nursery, upstream, ca_file)
         request = query("inflight.example.", "A")
-        if transport == "udp":
-            client: Any = await udp_send(served.port, request.to_wire())
-        else:
-            client = await TcpClient.connect(served.port)
-            await client.send(request.to_wire())
+        client = await _send(transport, served.port, request)
         await upstream.wait_for_queries(1)
         stopped_at = trio.current_time()
         served.stop.set()
-        if transport == "udp":
-            with client:
-                reply = await client.recv(65535)
-        else:
-            reply = await client.receive()
+        reply = await _receive(transport, client)
         assert reply is not None
         answer = dns.message.from_wire(reply)
         assert answer.rcode() == dns.rcode.NOERROR
@@ -110,6 +113,38 @@ async def test_stop_lets_the_query_in_flight_finish(
         assert served.returned_at - stopped_at == pytest.approx(0.5, abs=0.01)
     else:
         assert served.returned_at - stopped_at <= GRACE + 0.01
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_query_still_unanswered_when_the_grace_ends_gets_servfail(
+    hang_guard: None,
+    start_upstream: StartUpstream,
+    ca_file: str,
+    clock: trio.testing.MockClock,
+    transport: str,
+) -> None:
+    # The upstream would answer after 3 s, within the query's 5 s deadline but past the
+    # stop's grace: the client hears SERVFAIL when the grace ends, not silence until its own
+    # timeout (dig waited 5 s and retried).
+    upstream = await start_upstream(answer_after(3.0))
+    async with trio.open_nursery() as nursery:
+        served = await _serve(nursery, upstream, ca_file)
+        request = query("slow.example.", "A", use_edns=0)
+        client = await _send(transport, served.port, request)
+        await upstream.wait_for_queries(1)
+        stopped_at = trio.current_time()
+        served.stop.set()
+        reply = await _receive(transport, client)
+        if transport == "tcp":
+            await client.stream.aclose()
+        assert trio.current_time() - stopped_at == pytest.approx(GRACE, abs=0.01)
+    assert reply is not None
+    answer = dns.message.from_wire(reply)
+    assert (answer.id, answer.rcode()) == (request.id, dns.rcode.SERVFAIL)
+    assert answer.question == request.question
+    assert served.stats.servfail == 1
+    assert served.returned_at is not None
+    assert served.returned_at - stopped_at == pytest.approx(GRACE, abs=0.01)
 
 
 async def test_stop_cuts_work_off_after_the_grace_period(
@@ -144,6 +179,27 @@ async def test_no_new_clients_after_stop(
         served.stop.set()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", served.port)
+
+
+async def test_a_resolver_passed_in_stays_open_after_serve_returns(
+    hang_guard: None, start_upstream: StartUpstream, ca_file: str
+) -> None:
+    upstream = await start_upstream()
+    config = Config(
+        upstreams=(parse_upstream(upstream.spec),), listen=("127.0.0.1",), port=0, ca_file=ca_file
+    )
+    async with open_resolver(config) as resolver:
+        for round_ in range(2):
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(partial(serve, config, stop=stop, resolver=resolver))
+                request = query(f"round{round_}.example.", "A")
+                answer = dns.message.from_wire(await udp_exchange(bound[0][2], request.to_wire()))
+                assert answer.rcode() == dns.rcode.NOERROR
+                stop.set()
+    # Both servers asked through the one pooled connection: the first serve left it open.
+    assert upstream.handshakes == 1
+    assert len(upstream.queries) == 2
 
 
 async def test_in_flight_limit_drops_the_query_over_it(

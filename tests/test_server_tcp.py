@@ -18,18 +18,8 @@ from tests.fakes import (
     answer_in_reverse,
     answering,
     hang,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
-    patient_clock,
     txt_answer_for,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only once every task has waited 10 ms of real time (see
-    :func:`tests.fakes.patient_clock`): loopback bytes in flight never count as idle."""
-    return patient_clock()
-
 
 IDLE = 10.0
 

@@ -19,7 +19,6 @@ from tests.clients import query, tcp_exchange, udp_exchange
 from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (
     answering,
-    hang_guard_fixture,  # noqa: F401 (the hang_guard fixture)
     txt_answer_for,
 )
 

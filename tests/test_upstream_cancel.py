@@ -24,14 +24,8 @@ from tests.fakes import (
     answer_after,
     ask,
     open_pool,
-    patient_clock,
     record_tls_writes,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 def name(label: str) -> str:

@@ -3,7 +3,7 @@
 RFC 7858 §3.4 and RFC 7766 §6.2.4: a connection the server closed, reset, or that stopped answering
 is retired at once and its queries are retried once on a fresh connection, within their own
 deadline. The headline: a stale pooled connection costs a client ``stall_timeout`` (1 s), not its
-5 s deadline. All on virtual time (:func:`tests.fakes.patient_clock`): timings are exact and
+5 s deadline. All on virtual time (the ``clock`` fixture): timings are exact and
 nothing waits on the wall clock.
 """
 
@@ -35,7 +35,6 @@ from tests.fakes import (
     close_after,
     garbage_after,
     open_pool,
-    patient_clock,
 )
 
 DEFAULT = Config(upstreams=(parse_upstream("127.0.0.1#dns.test"),))
@@ -46,11 +45,6 @@ STALL = DEFAULT.stall_timeout  # silence, with queries out, after which a connec
 # time only moves when every task waits on one), so 0.25 s is a generous bound for it.
 STALL_LATE = STALL / 4 + 0.01
 AT_ONCE = 0.25
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 def name(index: int) -> str:

@@ -2,7 +2,7 @@
 
 These drive :class:`dot_proxy.upstream.Upstream` directly against the trustme fake upstream, and go
 through the whole proxy where the client's view is the point (IDs restored). All run on virtual
-time (:func:`tests.fakes.patient_clock`), so nothing waits on the wall clock.
+time (the ``clock`` fixture), so nothing waits on the wall clock.
 """
 
 from __future__ import annotations
@@ -25,22 +25,14 @@ from tests.conftest import StartProxy, StartUpstream
 from tests.fakes import (
     Behaviour,
     Held,
-    PerConnection,
     TlsWrite,
     UpstreamConnection,
     answer_for,
     ask,
-    eventually,
     open_pool,
-    patient_clock,
     record_tls_writes,
     spoiled_first,
 )
-
-
-@pytest.fixture
-def clock() -> trio.testing.MockClock:
-    return patient_clock()
 
 
 def name(index: int) -> str:
@@ -272,24 +264,6 @@ async def test_max_connections_bounds_the_pool_and_the_rest_wait_for_room(
     for index, answer in answers.items():
         assert answer.question[0].name == dns.name.from_text(name(index))
     assert fake.handshakes == 2
-
-
-async def test_without_reuse_each_query_has_its_own_connection(
-    clock: trio.testing.MockClock, start_upstream: StartUpstream, ca_file: str
-) -> None:
-    behaviour = PerConnection()
-    fake = await start_upstream(behaviour)
-    async with open_pool(fake, ca_file, reuse=False) as [upstream]:
-        for index in range(3):
-            await ask(upstream, name(index))
-            assert not upstream.connections
-            # ... and that connection is closed once its query is answered.
-            await eventually(lambda: len(behaviour.ended) == index + 1)  # noqa: B023
-        async with trio.open_nursery() as nursery:
-            for index in range(3, 8):
-                nursery.start_soon(ask, upstream, name(index))
-        assert fake.handshakes == 8
-        await eventually(lambda: len(behaviour.ended) == 8)
 
 
 def client_writes_between(writes: list[TlsWrite], start: int) -> Iterator[int]:

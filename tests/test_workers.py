@@ -3,9 +3,10 @@
 Run as subprocesses, as users run them. The upstream is a bound, non-listening port, so every
 query is answered SERVFAIL at once: enough to see which worker answered (debug lines carry
 the process id) without any TLS. What is checked: the workers share UDP and TCP on one port
-and each answers; SIGTERM or SIGINT stops them all with exit 0; a worker that dies on its own
-stops the rest and the proxy exits 1 (so that its supervisor restarts it whole); workers
-whose supervisor was killed stop by themselves.
+and each answers; SIGTERM or SIGINT stops them all with exit 0, each saying so; a worker that
+dies on its own is restarted on the same sockets, and only crashes that keep coming stop the
+proxy with exit 1 (for its own supervisor to see); workers whose supervisor was killed stop
+by themselves.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import dns.rcode
 import pytest
 
 from dot_proxy.cli import build_config
+from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve.sockets import bind_worker_sockets
-from dot_proxy.workers import PARENT_CHECK_INTERVAL
+from dot_proxy.workers import PARENT_CHECK_INTERVAL, CrashPolicy
 from tests.test_cli import HANG_GUARD, Proxy, udp_servfail
 
 
@@ -102,22 +104,98 @@ def test_workers_share_the_port_each_answers_and_a_signal_stops_all(
     text = "".join(proxy.stderr)
     assert "Traceback" not in text, text
     assert "started 2 workers" in text
+    for number, pid in enumerate(workers):
+        assert f"[{pid}] dot_proxy.workers: worker {number} (pid {pid}) stopped" in text, text
     # Debug lines name their process: both workers answered queries.
     answered_by = set(re.findall(r"\[(\d+)\] dot_proxy\.\w+: upstream failed", text))
     assert answered_by == {str(pid) for pid in workers}
 
 
-def test_a_worker_that_dies_stops_the_other_and_the_proxy_exits_1(
+def replacement_of(proxy: Proxy, dead: int, others: set[int]) -> int:
+    """Wait for the supervisor to fork the worker that replaces ``dead``; its pid."""
+    found: list[int] = []
+
+    def restarted() -> bool:
+        found[:] = [pid for pid in children_of(proxy.process.pid) if pid not in others | {dead}]
+        return bool(found) and running(found[0])
+
+    wait_until(restarted, f"worker {dead} was not replaced")
+    return found[0]
+
+
+def test_a_worker_that_dies_is_restarted_on_the_same_sockets(
+    two_workers: tuple[Proxy, int],
+) -> None:
+    proxy, port = two_workers
+    dead, survivor = children_of(proxy.process.pid)
+    os.kill(dead, signal.SIGKILL)
+    new = replacement_of(proxy, dead, {survivor})
+    assert running(survivor)
+    # The port never closed: the supervisor kept the dead worker's sockets for the new one,
+    # and the kernel still spreads clients across both sets.
+    wait_until(lambda: _answered_by(proxy, new, port), "the new worker answered nothing")
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.finish() == 0
+    text = "".join(proxy.stderr)
+    assert f"worker 0 (pid {dead}) was killed by SIGKILL; restarting it in 0.1 s" in text, text
+    assert f"worker 0 restarted (pid {new})" in text
+    assert f"worker 0 (pid {new}) stopped" in text
+    assert f"worker 1 (pid {survivor}) stopped" in text
+    assert "Traceback" not in text, text
+
+
+def _answered_by(proxy: Proxy, pid: int, port: int) -> bool:
+    for _ in range(10):
+        udp_servfail(port)
+        tcp_servfail(port)
+    proxy.read_available()
+    return any(f"[{pid}] dot_proxy.handler: upstream failed" in line for line in proxy.stderr)
+
+
+def test_crashes_that_keep_coming_stop_the_proxy_with_exit_1(
     two_workers: tuple[Proxy, int],
 ) -> None:
     proxy, _ = two_workers
-    dead, survivor = children_of(proxy.process.pid)
-    os.kill(dead, signal.SIGKILL)
+    victim, survivor = children_of(proxy.process.pid)
+    limit = CrashPolicy().limit
+    for _ in range(limit - 1):
+        os.kill(victim, signal.SIGKILL)
+        victim = replacement_of(proxy, victim, {survivor})
+    os.kill(victim, signal.SIGKILL)
     assert proxy.finish() == 1
     assert not running(survivor)
     text = "".join(proxy.stderr)
-    assert f"(pid {dead}) ended" in text
+    assert text.count("restarting it in") == limit - 1
+    assert "restarting it in 0.8 s" in text  # the backoff doubled: 0.1, 0.2, 0.4, 0.8
+    assert f"was killed by SIGKILL: {limit} crashes within 30 s; stopping the others" in text
     assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("crash_times", "now", "delay"),
+    [
+        ([], 100.0, 0.1),
+        ([99.0], 100.0, 0.2),
+        ([98.0, 99.0, 99.5], 100.0, 0.8),
+        ([97.0, 98.0, 99.0, 99.5], 100.0, None),  # the fifth within 30 s: give up
+        ([10.0, 20.0, 30.0, 40.0], 100.0, 0.1),  # old crashes are forgotten
+        ([60.0, 98.0, 99.0, 99.5], 100.0, 0.8),  # 40 s ago is outside the window
+    ],
+)
+def test_crash_policy_backs_off_and_gives_up(
+    crash_times: list[float], now: float, delay: float | None
+) -> None:
+    crashes = list(crash_times)
+    assert CrashPolicy().restart_delay(crashes, now) == delay
+    assert crashes[-1] == now
+    assert all(now - when < 30.0 for when in crashes)
+
+
+def test_crash_policy_delay_has_a_ceiling() -> None:
+    policy = CrashPolicy(limit=100, first_delay=1.0, max_delay=5.0)
+    crashes: list[float] = []
+    delays = [policy.restart_delay(crashes, float(second)) for second in range(6)]
+    assert delays == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
 
 
 def test_workers_stop_by_themselves_when_their_supervisor_is_killed(
@@ -144,7 +222,8 @@ def test_workers_from_the_environment() -> None:
 
 
 def test_auto_workers_is_one_per_core_this_process_may_use() -> None:
-    expected = len(os.sched_getaffinity(0))
+    expected = usable_cores()  # its CPU set within its CPU quota: tests/test_cpus.py
+    assert 1 <= expected <= len(os.sched_getaffinity(0))
     assert build_config(["--workers", "auto"], {}).workers == expected
     assert build_config([], {"DOT_PROXY_WORKERS": "AUTO"}).workers == expected
 

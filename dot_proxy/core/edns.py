@@ -17,21 +17,23 @@ import struct
 from typing import Final
 
 from dot_proxy.core.message import (
-    _HEADER,
+    HEADER,
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
     OUR_UDP_PAYLOAD,
     TYPE_OPT,
     Rcode,
-    _name_end,
-    _question_end,
+    RecordsLayout,
+    records_layout,
 )
+from dot_proxy.core.message import question_end as end_of_question
 from dot_proxy.errors import WireError
 
 __all__ = [
     "OPTION_PADDING",
     "QUERY_BLOCK",
     "RESPONSE_BLOCK",
+    "option_spans",
     "pad_query",
     "strip_padding",
 ]
@@ -42,11 +44,6 @@ OPTION_PADDING: Final = 12
 QUERY_BLOCK: Final = 128
 #: RFC 8467 §4.1: servers pad responses to a multiple of 468 bytes.
 RESPONSE_BLOCK: Final = 468
-
-# Records that sign the message they close (RFC 8945 TSIG, RFC 2931 SIG(0)): changing a signed
-# message breaks its signature, so signed queries are forwarded as they are.
-_TYPE_SIG: Final = 24
-_TYPE_TSIG: Final = 250
 
 # An OPT record is the root name (one zero byte), then TYPE, CLASS (UDP payload), TTL (extended
 # RCODE, version, flags) and RDLENGTH: 11 bytes before its options (RFC 6891 §6.1.2).
@@ -59,11 +56,6 @@ _ONE_QUESTION_ONLY: Final = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 # The OPT record we add: root owner, TYPE 41, our UDP payload size, TTL 0 (no flags).
 _ADDED_OPT_FIXED: Final = b"\x00" + struct.pack("!HHI", TYPE_OPT, OUR_UDP_PAYLOAD, 0)
 _ARCOUNT_AT: Final = 10
-
-
-# What _layout finds: where a message's records end, where its OPT record is (start, end), and
-# whether it is signed. A plain tuple, unpacked by the callers: this walk runs on every answer.
-_Layout = tuple[int, tuple[int, int] | None, bool]
 
 
 def _padding_tail(pad: int) -> bytes:
@@ -104,7 +96,7 @@ def pad_query(
     if message[4:12] == _ONE_QUESTION_ONLY:
         # The common query, one question and no records (what most stubs and dnsperf send):
         # no record to walk, so add the OPT record directly. Same bytes as the general path.
-        end = question_end or _question_end(message, HEADER_SIZE)
+        end = question_end or end_of_question(message, HEADER_SIZE)
         pad = -(end + _OPT_FIXED + _OPTION_HEADER.size) % block
         tail = _QUERY_BLOCK_TAILS[pad] if block == QUERY_BLOCK else _padding_tail(pad)
         return message[:10] + b"\x00\x01" + message[HEADER_SIZE:end] + _ADDED_OPT_FIXED + tail, True
@@ -176,64 +168,33 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
 # --- walking -------------------------------------------------------------------------------
 
 
-def _layout(message: bytes, records_from: int | None = None) -> _Layout:
-    """Walk every record, find the OPT record and any signature in the additional section.
+def _layout(message: bytes, records_from: int | None = None) -> RecordsLayout:
+    """:func:`~dot_proxy.core.message.records_layout` of a whole message.
 
     ``records_from`` is where the question section ends, when the caller knows it already
-    (an answer matched to a one-question query): the question is not walked again.
+    (an answer matched to a one-question query): the question is not walked again. A signed
+    message (TSIG, SIG(0)) is reported so: changing it would break its signature.
     """
-    size = len(message)
-    if size < HEADER_SIZE:
+    if len(message) < HEADER_SIZE:
         raise WireError("shorter than a DNS header", rcode=Rcode.FORMERR)
-    _, _, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(message)
+    _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(message)
     if records_from is not None and qdcount == 1:
         offset = records_from
     else:
         offset = HEADER_SIZE
         for _ in range(qdcount):
-            offset = _question_end(message, offset)
-    opt: tuple[int, int] | None = None
-    signed = False
-    additional_from = ancount + nscount
-    # This walk runs on every answer (strip_padding): the two usual owner names, a compression
-    # pointer and the root, are skipped inline; any other goes through the full check.
-    for index in range(additional_from + arcount):
-        start = offset
-        if offset >= size:
-            raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
-        label = message[offset]
-        if label >= 0xC0:
-            fixed = offset + 2
-        elif label == 0:
-            fixed = offset + 1
-        else:
-            fixed = _name_end(message, offset)
-        if fixed + 10 > size:
-            raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
-        offset = fixed + 10 + ((message[fixed + 8] << 8) | message[fixed + 9])
-        if offset > size:
-            raise WireError("record data runs past the end of the message", rcode=Rcode.FORMERR)
-        if index < additional_from:
-            continue
-        rr_type = (message[fixed] << 8) | message[fixed + 1]
-        if rr_type == TYPE_OPT:
-            # RFC 6891 §6.1.1: at most one OPT record, and its owner is the root.
-            if opt is not None:
-                raise WireError("more than one OPT record", rcode=Rcode.FORMERR)
-            if label != 0:
-                raise WireError("OPT record not owned by the root", rcode=Rcode.FORMERR)
-            opt = (start, offset)
-        elif rr_type in (_TYPE_TSIG, _TYPE_SIG):
-            signed = True
-    return offset, opt, signed
+            offset = end_of_question(message, offset)
+    return records_layout(message, offset, ancount, nscount, arcount)
 
 
-def _without_padding(rdata: bytes) -> bytes:
-    """An OPT record's options with every Padding option left out, the rest in order.
+def option_spans(rdata: bytes) -> list[tuple[int, int, int]]:
+    """Each EDNS option of an OPT record's RDATA as ``(code, start, end)``, in order.
 
-    RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
+    RFC 6891 §6.1.2: OPTION-CODE, OPTION-LENGTH, then that many bytes of data.
+
+    Error handling: raises :class:`WireError` (FORMERR) when an option runs past the record.
     """
-    kept: list[bytes] = []
+    spans: list[tuple[int, int, int]] = []
     offset, end = 0, len(rdata)
     while offset < end:
         if offset + _OPTION_HEADER.size > end:
@@ -242,10 +203,23 @@ def _without_padding(rdata: bytes) -> bytes:
         option_end = offset + _OPTION_HEADER.size + length
         if option_end > end:
             raise WireError("EDNS option runs past the OPT record", rcode=Rcode.FORMERR)
-        if code != OPTION_PADDING:
-            kept.append(rdata[offset:option_end])
+        spans.append((code, offset, option_end))
         offset = option_end
-    return b"".join(kept)
+    return spans
+
+
+def _without_padding(rdata: bytes) -> bytes:
+    """An OPT record's options with every Padding option left out, the rest in order.
+
+    RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
+    """
+    if not rdata:
+        return rdata
+    if rdata[:2] == _PADDING_CODE and len(rdata) == 4 + int.from_bytes(rdata[2:4], "big"):
+        return b""  # the usual padded answer: padding is its only option
+    return b"".join(
+        rdata[start:end] for code, start, end in option_spans(rdata) if code != OPTION_PADDING
+    )
 
 
 def _add_to_arcount(message: bytes, delta: int) -> bytes:

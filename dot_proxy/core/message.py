@@ -19,15 +19,23 @@ from typing import Final, NamedTuple
 from dot_proxy.errors import WireError
 
 __all__ = [
+    "HEADER",
     "HEADER_SIZE",
     "MAX_MESSAGE_SIZE",
+    "SIGNATURE_TYPES",
+    "TYPE_OPT",
     "Query",
     "Rcode",
+    "RecordsLayout",
     "answer_matches",
     "answer_question_key",
     "error_reply",
     "message_id",
+    "name_end",
     "parse_query",
+    "question_end",
+    "record_at",
+    "records_layout",
     "replace_id",
     "truncate_for_udp",
 ]
@@ -53,7 +61,8 @@ RCODE_MASK: Final = 0x000F
 # EDNS flags live in the OPT record's TTL field (RFC 6891 §6.1.3); DO is the top bit.
 EDNS_DO: Final = 0x8000
 
-_HEADER = struct.Struct("!HHHHHH")
+#: ID, flags, QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT (RFC 1035 §4.1.1).
+HEADER: Final = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 
 
@@ -97,39 +106,29 @@ def parse_query(data: bytes) -> Query:
     """Validate a client's query and return what the proxy needs of it.
 
     Error handling: raises :class:`WireError` whose ``rcode`` says how to answer: FORMERR for a
-    malformed query or an unsolicited response, NOTIMP for an opcode other than QUERY, and
-    ``None`` (drop silently) when not even the header is readable or the message is itself an
-    error response (answering those invites two servers to bounce errors at each other).
+    malformed query, NOTIMP for an opcode other than QUERY, and ``None`` (drop silently) when
+    not even the header is readable or the message is a response (QR set).
     """
     if len(data) < HEADER_SIZE:
         raise WireError("shorter than a DNS header", rcode=None)
-    msg_id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
     if flags & FLAG_QR:
-        if flags & RCODE_MASK:
-            raise WireError("error response received as a query", rcode=None)
-        raise WireError("response received as a query", rcode=Rcode.FORMERR)
+        # A response is no query (RFC 1035 §7.3 has a resolver discard what it did not ask
+        # for). Answering one makes the proxy a reflector for spoofed sources and lets two
+        # servers bounce messages at each other: dropped, whatever its rcode.
+        raise WireError("response received as a query", rcode=None)
     if flags & OPCODE_MASK:
         raise WireError("opcode is not QUERY", rcode=Rcode.NOTIMP)
     if qdcount != 1:
         raise WireError(f"{qdcount} questions, expected 1", rcode=Rcode.FORMERR)
-    question_end = _question_end(data, HEADER_SIZE)
-    question = data[HEADER_SIZE:question_end]
-    name_end = question_end - 4
-    question_key = question[: name_end - HEADER_SIZE].lower() + data[name_end:question_end]
-    offset = question_end
-    for _ in range(ancount + nscount):
-        offset = _skip_rr(data, offset)
+    end = question_end(data, HEADER_SIZE)
+    question = data[HEADER_SIZE:end]
+    question_key = question[:-4].lower() + question[-4:]
     opt: bytes | None = None
-    for _ in range(arcount):
-        rr_start = offset
-        offset = _skip_rr(data, offset)
-        if _rr_type(data, rr_start) == TYPE_OPT:
-            # RFC 6891 §6.1.1: one OPT record at most, and its owner is the root.
-            if opt is not None:
-                raise WireError("more than one OPT record", rcode=Rcode.FORMERR)
-            if data[rr_start] != 0:
-                raise WireError("OPT record not owned by the root", rcode=Rcode.FORMERR)
-            opt = data[rr_start:offset]
+    if ancount or nscount or arcount:
+        opt_span = records_layout(data, end, ancount, nscount, arcount)[1]
+        if opt_span is not None:
+            opt = data[opt_span[0] : opt_span[1]]
     udp_limit = CLASSIC_UDP_LIMIT if opt is None else max(CLASSIC_UDP_LIMIT, _opt_payload(opt))
     return Query(msg_id, flags, question, question_key, udp_limit, opt)
 
@@ -147,11 +146,11 @@ def error_reply(query: bytes | Query, rcode: int) -> bytes | None:
         return _error_message(query.id, query.flags, rcode, query.question, query.opt)
     if len(query) < HEADER_SIZE:
         return None
-    msg_id, flags, qdcount, *_ = _HEADER.unpack_from(query)
+    msg_id, flags, qdcount, *_ = HEADER.unpack_from(query)
     question = b""
     if qdcount == 1:
         try:
-            question = query[HEADER_SIZE : _question_end(query, HEADER_SIZE)]
+            question = query[HEADER_SIZE : question_end(query, HEADER_SIZE)]
         except WireError:
             question = b""
     return _error_message(msg_id, flags, rcode, question, None)
@@ -162,7 +161,7 @@ def _error_message(
 ) -> bytes:
     flags = FLAG_QR | FLAG_RA | (query_flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)) | rcode
     arcount = 0 if client_opt is None else 1
-    header = _HEADER.pack(msg_id, flags, 1 if question else 0, 0, 0, arcount)
+    header = HEADER.pack(msg_id, flags, 1 if question else 0, 0, 0, arcount)
     if client_opt is None:
         return header + question
     do_bit = _opt_flags(client_opt) & EDNS_DO
@@ -189,11 +188,11 @@ def answer_question_key(answer: bytes) -> bytes | None:
     """
     if len(answer) < HEADER_SIZE:
         return None
-    _, flags, qdcount, *_ = _HEADER.unpack_from(answer)
+    _, flags, qdcount, *_ = HEADER.unpack_from(answer)
     if not flags & FLAG_QR or qdcount != 1:
         return None
     try:
-        end = _question_end(answer, HEADER_SIZE)
+        end = question_end(answer, HEADER_SIZE)
     except WireError:
         return None
     return answer[HEADER_SIZE : end - 4].lower() + answer[end - 4 : end]
@@ -229,31 +228,46 @@ def truncate_for_udp(answer: bytes, limit: int) -> bytes:
     """
     if len(answer) <= limit:
         return answer
-    msg_id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(answer)
+    msg_id, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(answer)
     offset = HEADER_SIZE
     try:
         for _ in range(qdcount):
-            offset = _question_end(answer, offset)
-        question_end = offset
-        opt = _find_opt(answer, offset, ancount + nscount, arcount)
+            offset = question_end(answer, offset)
+        opt_span = records_layout(answer, offset, ancount, nscount, arcount)[1]
     except WireError:
         # An answer we cannot walk still gets a well-formed TC reply with no records.
-        return _HEADER.pack(msg_id, flags | FLAG_TC, 0, 0, 0, 0)
-    question = answer[HEADER_SIZE:question_end]
+        return HEADER.pack(msg_id, flags | FLAG_TC, 0, 0, 0, 0)
+    opt = None if opt_span is None else answer[opt_span[0] : opt_span[1]]
+    questions_end = offset
+    question = answer[HEADER_SIZE:questions_end]
     if opt is not None and len(opt) > 11 and HEADER_SIZE + len(question) + len(opt) > limit:
         opt = opt[:9] + b"\x00\x00"  # keep the OPT record, drop its options
     if HEADER_SIZE + len(question) + len(opt or b"") > limit:
         # Several long questions (qdcount > 1) can outgrow the limit on their own: drop them.
         qdcount, question = 0, b""
-    header = _HEADER.pack(msg_id, flags | FLAG_TC, qdcount, 0, 0, 0 if opt is None else 1)
+    header = HEADER.pack(msg_id, flags | FLAG_TC, qdcount, 0, 0, 0 if opt is None else 1)
     return header + question + (opt or b"")
 
 
 # --- walking names and records -------------------------------------------------------------
+# The one walker over resource records: record_at() finds one record's fields, and
+# records_layout() walks the answer, authority and additional sections with it. Everything
+# that reads records (parse_query, truncate_for_udp, core.edns, core.cache) goes through them.
+
+#: Signature records that close the message they sign (RFC 8945 TSIG, RFC 2931 SIG(0)).
+SIGNATURE_TYPES: Final = frozenset({24, 250})
+
+#: What :func:`records_layout` finds: where the last record ends, the OPT record's
+#: ``(start, end)`` or ``None``, and whether the additional section holds a signature.
+RecordsLayout = tuple[int, tuple[int, int] | None, bool]
 
 
-def _name_end(data: bytes, offset: int, *, allow_pointer: bool = True) -> int:
-    """Offset just past the (possibly compressed) name starting at ``offset``."""
+def name_end(data: bytes, offset: int, *, allow_pointer: bool = True) -> int:
+    """Offset just past the (possibly compressed) name starting at ``offset``.
+
+    Error handling: raises :class:`WireError` (FORMERR) for a name that runs past the end, is
+    longer than 255 bytes, uses an unknown label type, or points when ``allow_pointer`` is off.
+    """
     length = 0
     end = len(data)
     while True:
@@ -276,39 +290,75 @@ def _name_end(data: bytes, offset: int, *, allow_pointer: bool = True) -> int:
         offset += label + 1
 
 
-def _question_end(data: bytes, offset: int) -> int:
+def question_end(data: bytes, offset: int) -> int:
+    """Offset just past the question (name, type, class) that starts at ``offset``.
+
+    Error handling: as :func:`name_end`; the first question's name may not be compressed.
+    """
     # A question's name is the first in a message: there is nothing before it to point to.
-    end = _name_end(data, offset, allow_pointer=offset != HEADER_SIZE) + 4
+    end = name_end(data, offset, allow_pointer=offset != HEADER_SIZE) + 4
     if end > len(data):
         raise WireError("question runs past the end of the message", rcode=Rcode.FORMERR)
     return end
 
 
-def _skip_rr(data: bytes, offset: int) -> int:
-    fixed = _name_end(data, offset)
-    if fixed + 10 > len(data):
+def record_at(data: bytes, offset: int) -> tuple[int, int]:
+    """``(fixed, end)`` of the resource record that starts at ``offset`` (RFC 1035 §4.1.3).
+
+    ``fixed`` is where its TYPE is: CLASS follows at ``fixed + 2``, TTL at ``fixed + 4``,
+    RDLENGTH at ``fixed + 8`` and RDATA from ``fixed + 10`` to ``end``, where the next record
+    starts. Record data is never parsed.
+
+    Error handling: raises :class:`WireError` (FORMERR) when the record runs past the end.
+    """
+    size = len(data)
+    if offset >= size:
         raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
-    rdlength = (data[fixed + 8] << 8) | data[fixed + 9]
-    end = fixed + 10 + rdlength
-    if end > len(data):
+    # The two usual owner names, a compression pointer and the root, are skipped here; any
+    # other goes through the full check. This runs for every record of every answer.
+    label = data[offset]
+    if label >= 0xC0:
+        fixed = offset + 2
+    elif label == 0:
+        fixed = offset + 1
+    else:
+        fixed = name_end(data, offset)
+    if fixed + 10 > size:
+        raise WireError("record runs past the end of the message", rcode=Rcode.FORMERR)
+    end = fixed + 10 + ((data[fixed + 8] << 8) | data[fixed + 9])
+    if end > size:
         raise WireError("record data runs past the end of the message", rcode=Rcode.FORMERR)
-    return end
+    return fixed, end
 
 
-def _rr_type(data: bytes, rr_start: int) -> int:
-    fixed = _name_end(data, rr_start)
-    return (data[fixed] << 8) | data[fixed + 1]
+def records_layout(
+    message: bytes, offset: int, ancount: int, nscount: int, arcount: int
+) -> RecordsLayout:
+    """Walk the records from ``offset`` (where the question section ends) to the last one.
 
+    Returns where the last record ends, the OPT record's span, and whether the additional
+    section is signed (TSIG or SIG(0)). Bytes after the last record are not looked at.
 
-def _find_opt(data: bytes, offset: int, skip: int, arcount: int) -> bytes | None:
-    for _ in range(skip):
-        offset = _skip_rr(data, offset)
+    Error handling: raises :class:`WireError` (FORMERR) for a record that runs past the end,
+    more than one OPT record, or one not owned by the root (RFC 6891 §6.1.1).
+    """
+    for _ in range(ancount + nscount):
+        offset = record_at(message, offset)[1]
+    opt: tuple[int, int] | None = None
+    signed = False
     for _ in range(arcount):
         start = offset
-        offset = _skip_rr(data, offset)
-        if _rr_type(data, start) == TYPE_OPT and data[start] == 0:
-            return data[start:offset]
-    return None
+        fixed, offset = record_at(message, start)
+        rr_type = (message[fixed] << 8) | message[fixed + 1]
+        if rr_type == TYPE_OPT:
+            if opt is not None:
+                raise WireError("more than one OPT record", rcode=Rcode.FORMERR)
+            if message[start] != 0:
+                raise WireError("OPT record not owned by the root", rcode=Rcode.FORMERR)
+            opt = (start, offset)
+        elif rr_type in SIGNATURE_TYPES:
+            signed = True
+    return offset, opt, signed
 
 
 def _opt_payload(opt: bytes) -> int:

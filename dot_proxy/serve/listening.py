@@ -10,7 +10,7 @@ from dot_proxy.core.access import AccessList, RateLimiter
 from dot_proxy.core.message import HEADER_SIZE, Rcode, error_reply
 from dot_proxy.handler import QueryHandler, ServerStats
 
-__all__ = ["Listening", "refusal"]
+__all__ = ["Listening", "cut_off", "refusal"]
 
 
 @dataclass(slots=True)
@@ -36,7 +36,20 @@ class Listening:
 
 
 def refusal(data: bytes) -> bytes | None:
-    # REFUSED to a query; nothing to a response or a fragment (no reflection of junk).
+    """REFUSED to a query; nothing to a response or a fragment (no reflection of junk)."""
+    return _error_to(data, Rcode.REFUSED)
+
+
+def cut_off(data: bytes, stats: ServerStats) -> bytes | None:
+    """SERVFAIL to a query whose answer a stop cut off: the client hears now that it failed,
+    rather than waiting out its own timeout for an answer that will never come."""
+    reply = _error_to(data, Rcode.SERVFAIL)
+    if reply is not None:
+        stats.servfail += 1
+    return reply
+
+
+def _error_to(data: bytes, rcode: Rcode) -> bytes | None:
     if len(data) < HEADER_SIZE or data[2] & 0x80:
         return None
-    return error_reply(data, Rcode.REFUSED)
+    return error_reply(data, rcode)

@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 
 import trio
 
 from dot_proxy.config import Config
 from dot_proxy.core.access import AccessList, RateLimiter
 from dot_proxy.handler import QueryHandler, ServerStats
+from dot_proxy.resolver import Resolver, open_resolver
 from dot_proxy.serve.listening import Listening
 from dot_proxy.serve.sockets import bind_sockets
 from dot_proxy.serve.tcp import serve_tcp
 from dot_proxy.serve.udp import serve_udp
-from dot_proxy.upstream.group import open_upstream_group
 
 __all__ = ["serve"]
 
@@ -35,23 +36,31 @@ async def serve(
     sockets: Sequence[socket.socket] | None = None,
     stop: trio.Event | None = None,
     stats: ServerStats | None = None,
+    resolver: Resolver | None = None,
     task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve DNS on ``sockets`` (bound from ``config`` if not given) until ``stop`` is set.
 
     Reports the bound ``(transport, address, port)`` triples through ``task_status``. When
     ``stop`` is set, stops listening, lets queries in flight finish for up to a second, and
-    returns. Without ``stop`` it serves until cancelled.
+    returns. Without ``stop`` it serves until cancelled. Queries go to ``resolver``, already
+    open, when given (a test or an embedding program that wants to look at it, or to put
+    something of its own there); otherwise ``serve`` opens the cache and the upstreams
+    ``config`` names.
 
-    Resource handling: every socket, task and upstream connection is closed on return.
+    Resource handling: every socket and task is closed on return, and so is every upstream
+    connection of a resolver ``serve`` opened; a resolver passed in stays open, its owner's.
     """
     if sockets is None:
         sockets = bind_sockets(config)
     stats = stats if stats is not None else ServerStats()
+    resolving: AbstractAsyncContextManager[Resolver] = (
+        open_resolver(config) if resolver is None else nullcontext(resolver)
+    )
     try:
-        async with open_upstream_group(config) as resolver, trio.open_nursery() as work:
+        async with resolving as answering, trio.open_nursery() as work:
             listening = Listening(
-                handler=QueryHandler(resolver, config, stats),
+                handler=QueryHandler(answering, config, stats),
                 nursery=work,
                 limiter=trio.Semaphore(config.max_in_flight),
                 tcp_clients=trio.Semaphore(config.max_tcp_clients),
@@ -73,7 +82,8 @@ async def serve(
                 await stop.wait()
                 listeners.cancel_scope.cancel()
             # Stopped listening; queries in flight get a grace period. Idle client
-            # connections are cut at its end too, rather than waiting out their idle time.
+            # connections are cut at its end too, rather than waiting out their idle time;
+            # a query still unanswered then gets SERVFAIL (udp.py, tcp.py), not silence.
             log.info("stopping: finishing queries in flight")
             work.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
     finally:
@@ -86,7 +96,7 @@ def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
         shown = f"[{address}]" if ":" in address else address
         log.info("listening on %s %s:%d", transport, shown, port)
     for spec in config.upstreams:
-        log.info("forwarding over TLS to %s", spec.label)
+        log.info("forwarding over TLS to %s", spec.description)
     log.info("clients allowed from %s", ", ".join(config.allow))
     if AccessList(config.allow).is_open:
         log.warning(

@@ -16,11 +16,11 @@ __all__ = ["UDP_RECEIVE_BUFFER", "bind_sockets", "bind_worker_sockets"]
 log = logging.getLogger(__name__)
 
 TCP_BACKLOG = 1024
-# The UDP receive buffer asked for. The kernel default (208 KiB) holds ~270 small queries: a
-# client that had a thousand queries answered at once (an upstream came back) and sends the
-# next thousand as fast overflowed it in the soak. NSD asks for 1 MiB, unbound's so-rcvbuf is
-# commonly set to 4-8 MiB; SO_RCVBUFFORCE gets it past net.core.rmem_max where we may (root),
-# elsewhere the kernel grants up to rmem_max.
+# The UDP receive buffer asked for. The kernel's default (208 KiB) holds ~270 small queries,
+# and a client may send far more at once: one that had a thousand queries answered together
+# (an upstream came back) sends its next thousand as fast. NSD asks for 1 MiB, unbound's
+# so-rcvbuf is commonly set to 4-8 MiB; SO_RCVBUFFORCE gets it past net.core.rmem_max where we
+# may (root), elsewhere the kernel grants up to rmem_max.
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
@@ -40,7 +40,7 @@ def bind_sockets(config: Config, *, reuse_port: bool = False) -> list[socket.soc
             return _bind_all(config, reuse_port)
         except _PortTaken:
             continue
-    raise ConfigError("--port 0: could not find one free port for UDP and TCP")
+    raise ConfigError(f"{config.name_of('port')}: 0: could not find one free port for UDP and TCP")
 
 
 def bind_worker_sockets(config: Config) -> list[list[socket.socket]]:
@@ -53,7 +53,9 @@ def bind_worker_sockets(config: Config) -> list[list[socket.socket]]:
     if config.workers == 1:
         return [bind_sockets(config)]
     if not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigError("--workers: this system has no SO_REUSEPORT; use --workers 1")
+        raise ConfigError(
+            f"{config.name_of('workers')}: this system has no SO_REUSEPORT; use 1 worker"
+        )
     sets = [bind_sockets(config, reuse_port=True)]
     try:
         same_port = dataclasses.replace(config, port=sets[0][0].getsockname()[1])
@@ -86,7 +88,7 @@ def _bind_all(config: Config, reuse_port: bool) -> list[socket.socket]:
                         break
                     if config.port == 0 and sockets and exc.errno == errno.EADDRINUSE:
                         raise _PortTaken from exc
-                    raise _bind_error(address, port, exc) from None
+                    raise _bind_error(config, address, port, exc) from None
                 sockets.append(sock)
                 port = sock.getsockname()[1]
     except BaseException:
@@ -134,16 +136,31 @@ def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def _bind_error(address: str, port: int, exc: OSError) -> ConfigError:
+# Ports to suggest: unprivileged, and not 5353, which is mDNS's (avahi holds it on desktops).
+EXAMPLE_PORTS = (5300, 8053)
+
+
+def _bind_error(config: Config, address: str, port: int, exc: OSError) -> ConfigError:
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    name = config.name_of("port")
+    other = next(example for example in EXAMPLE_PORTS if example != port)
+    # Said the way the port was given: a flag, a variable, a config file's key.
+    if name.startswith("--"):
+        example = f"{name} {other}"
+    elif ":" in name:
+        example = f"{name} = {other}"
+    else:
+        example = f"{name}={other}"
     if exc.errno in (errno.EACCES, errno.EPERM):
         return ConfigError(
-            f"--port: no permission to listen on {where}: ports below 1024 need root or "
-            "CAP_NET_BIND_SERVICE; choose another port, e.g. --port 5353"
+            f"{name}: no permission to listen on {where}: ports below 1024 need root or "
+            f"CAP_NET_BIND_SERVICE; choose another port, e.g. {example}"
         )
     if exc.errno == errno.EADDRINUSE:
         return ConfigError(
-            f"--port: {where} is already in use (another DNS server?); stop it or choose "
-            "another port, e.g. --port 5353"
+            f"{name}: {where} is already in use (another DNS server?); stop it or choose "
+            f"another port, e.g. {example}"
         )
-    return ConfigError(f"--listen: cannot listen on {where}: {exc.strerror or exc}")
+    return ConfigError(
+        f"{config.name_of('listen')}: cannot listen on {where}: {exc.strerror or exc}"
+    )

@@ -15,9 +15,10 @@ from typing import NoReturn
 import trio
 
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.message import Query
 from dot_proxy.errors import WireError
 from dot_proxy.serve.client_writer import SocketWriter
-from dot_proxy.serve.listening import Listening, refusal
+from dot_proxy.serve.listening import Listening, cut_off, refusal
 
 __all__ = ["MAX_TCP_CLIENT_PIPELINE", "serve_tcp"]
 
@@ -192,14 +193,31 @@ async def _start_queries(
             if (reply := refusal(message)) is not None:
                 client.writer.write_nowait(frame(reply))
             continue
-        # Take both slots before spawning (trio #527): a client that pipelines faster than
-        # we answer waits here, holding nothing.
-        for semaphore in (client.pipeline, listening.limiter):
-            try:
-                semaphore.acquire_nowait()
-            except trio.WouldBlock:
-                await _wait_for_slot(client, semaphore, idle_scope)
-        queries.start_soon(_answer_frame, client, message)
+        pipeline, limiter = client.pipeline, listening.limiter
+        if not (pipeline.value and limiter.value):
+            # Take both slots, waiting if need be (a client that pipelines faster than we
+            # answer waits here, holding nothing), then give them back for the answer below:
+            # a cached answer obeys the bounds as a query to the upstreams does.
+            for semaphore in (pipeline, limiter):
+                try:
+                    semaphore.acquire_nowait()
+                except trio.WouldBlock:
+                    await _wait_for_slot(client, semaphore, idle_scope)
+            pipeline.release()
+            limiter.release()
+        outcome = listening.handler.answer_at_once(message, trio.current_time(), udp=False)
+        if outcome is None:
+            continue
+        if isinstance(outcome, bytes):
+            # Answered where it was read: no task, no hand-off.
+            client.writer.write_nowait(frame(outcome))
+            client.last_answer = trio.current_time()
+            continue
+        # Both slots are free (nothing awaited since they were): taken before spawning
+        # (trio #527), released when the task ends.
+        pipeline.acquire_nowait()
+        limiter.acquire_nowait()
+        queries.start_soon(_answer_frame, client, message, outcome)
 
 
 async def _wait_for_slot(
@@ -219,12 +237,18 @@ async def _wait_for_slot(
         idle_scope.deadline = deadline
 
 
-async def _answer_frame(client: _ClientConnection, message: bytes) -> None:
+async def _answer_frame(client: _ClientConnection, message: bytes, query: Query) -> None:
     try:
-        reply = await client.listening.handler.answer(message, udp=False)
-        if reply is not None:
-            client.writer.write_nowait(frame(reply))
-            client.last_answer = trio.current_time()
+        reply = await client.listening.handler.answer(message, query, udp=False)
+    except trio.Cancelled:
+        # The stop's grace period ended first (or the client is gone, and the write is a
+        # no-op): SERVFAIL before the connection's finally closes the socket, not silence.
+        if (servfail := cut_off(message, client.listening.stats)) is not None:
+            client.writer.write_nowait(frame(servfail))
+        raise
+    else:
+        client.writer.write_nowait(frame(reply))
+        client.last_answer = trio.current_time()
     finally:
         client.listening.limiter.release()
         client.pipeline.release()

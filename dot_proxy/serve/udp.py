@@ -14,8 +14,9 @@ from typing import NoReturn
 
 import trio
 
+from dot_proxy.core.message import Query
 from dot_proxy.handler import ServerStats
-from dot_proxy.serve.listening import Listening, refusal
+from dot_proxy.serve.listening import Listening, cut_off, refusal
 
 __all__ = ["serve_udp"]
 
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
 # Datagrams taken per wake-up at most, so one flooded socket cannot starve the rest. About
-# what the kernel's default receive buffer (208 KiB) holds of small queries: a round that
-# runs long (a burst of answers, a collector pause) must not leave the socket to overflow
-# because each wake-up took a fraction of what was waiting.
+# what a receive buffer of the kernel's default size (208 KiB: all an unprivileged proxy gets
+# where net.core.rmem_max is unchanged) holds of small queries: a round that runs long (a
+# burst of answers, a collector pause) must not leave the socket to overflow because each
+# wake-up took a fraction of what was waiting.
 BURST = 256
 
 
@@ -35,17 +37,19 @@ async def serve_udp(
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Receive datagrams forever, answering each in its own task.
+    """Receive datagrams forever, answering each at once (cached, malformed) or in a task.
 
     A source outside the access list gets REFUSED; one over its rate limit, or arriving when
-    ``--max-in-flight`` queries are being resolved, is dropped (the client retries): nothing
-    queues without bound.
+    ``--max-in-flight`` queries are being resolved, is dropped (the client retries), a cached
+    answer included: nothing queues without bound.
     """
     sock.setblocking(False)
     stats, limiter, access = listening.stats, listening.limiter, listening.access
+    handler = listening.handler
     task_status.started(sock.getsockname()[:2])
     while True:
         await trio.lowlevel.wait_readable(sock)
+        now = trio.current_time()  # one clock read per burst: the cache's TTLs are whole seconds
         for _ in range(BURST):
             try:
                 data, address = sock.recvfrom(MAX_DATAGRAM)
@@ -62,12 +66,19 @@ async def serve_udp(
                 continue
             if not listening.admits(address[0]):
                 continue
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
+            if not limiter.value:
                 stats.dropped_busy += 1
                 continue
-            listening.nursery.start_soon(_answer_datagram, sock, listening, data, address)
+            outcome = handler.answer_at_once(data, now, udp=True)
+            if outcome is None:
+                continue
+            if isinstance(outcome, bytes):
+                _send_datagram(sock, outcome, address, stats)
+                continue
+            # Taken before the task is spawned (trio #527), released when it ends; free, as
+            # nothing awaited since the check above.
+            limiter.acquire_nowait()
+            listening.nursery.start_soon(_answer_datagram, sock, listening, data, outcome, address)
 
 
 def _send_datagram(
@@ -84,11 +95,21 @@ def _send_datagram(
 
 
 async def _answer_datagram(
-    sock: socket.socket, listening: Listening, data: bytes, address: tuple[object, ...]
+    sock: socket.socket,
+    listening: Listening,
+    data: bytes,
+    query: Query,
+    address: tuple[object, ...],
 ) -> None:
     try:
-        reply = await listening.handler.answer(data, udp=True)
-        if reply is not None:
-            _send_datagram(sock, reply, address, listening.stats)
+        reply = await listening.handler.answer(data, query, udp=True)
+    except trio.Cancelled:
+        # The stop's grace period ended first. The socket is still open (the server closes it
+        # once every task is done): SERVFAIL now, not silence.
+        if (servfail := cut_off(data, listening.stats)) is not None:
+            _send_datagram(sock, servfail, address, listening.stats)
+        raise
+    else:
+        _send_datagram(sock, reply, address, listening.stats)
     finally:
         listening.limiter.release()

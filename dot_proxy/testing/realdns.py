@@ -54,13 +54,24 @@ class ToolMissingError(RealDnsError):
     """A program this helper needs is not installed (see ``missing_tools``)."""
 
 
+# Debian installs daemons (unbound, dnsdist) in /usr/sbin, which is not on an unprivileged
+# user's PATH: look there too, after PATH.
+SYSTEM_TOOL_DIRS: tuple[str, ...] = ("/usr/sbin", "/sbin")
+
+
+def find_tool(name: str) -> str | None:
+    """The path of program ``name`` on PATH or in ``SYSTEM_TOOL_DIRS``, or ``None``."""
+    search = [os.environ.get("PATH", os.defpath), *SYSTEM_TOOL_DIRS]
+    return shutil.which(name, path=os.pathsep.join(search))
+
+
 def missing_tools(*names: str) -> list[str]:
-    """Return those of ``names`` that are not on PATH (e.g. ``"unbound"``, ``"dnsperf"``)."""
-    return [name for name in names if shutil.which(name) is None]
+    """Return those of ``names`` that ``find_tool`` cannot find (e.g. ``"unbound"``)."""
+    return [name for name in names if find_tool(name) is None]
 
 
 def _require_tool(name: str) -> str:
-    path = shutil.which(name)
+    path = find_tool(name)
     if path is None:
         raise ToolMissingError(f"{name} is not installed (Debian package: {name})")
     return path
@@ -692,7 +703,7 @@ class DotProxy(_Forwarder):
     """``python -m dot_proxy`` listening on a runtime port of 127.0.0.1.
 
     ``upstreams`` are ``HOST[:PORT][#AUTH_NAME]`` strings (``Unbound.upstream_spec``), passed
-    as repeated ``--upstream`` flags in order; ``extra_args`` go last (e.g. ``--no-reuse``).
+    as repeated ``--upstream`` flags in order; ``extra_args`` go last (e.g. ``--no-padding``).
     """
 
     name = "dot-proxy"
@@ -723,15 +734,23 @@ class DotProxy(_Forwarder):
         return [*argv, "--ca-file", str(self.pki.ca_file), *self.extra_args]
 
     def _environment(self) -> dict[str, str] | None:
-        # The child runs in its temp dir, where ``-m dot_proxy`` would find nothing unless the
-        # package is installed: point it at the copy this process would import, so a test
-        # run from a checkout exercises that checkout.
-        env = {**os.environ, **(self.env or {})}
-        spec = importlib.util.find_spec("dot_proxy")
-        if spec is not None and spec.submodule_search_locations:
-            source = str(Path(next(iter(spec.submodule_search_locations))).parent)
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
-        return env
+        return dot_proxy_environment(self.env)
+
+
+def dot_proxy_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a ``python -m dot_proxy`` child: this one, plus ``extra``, with
+    ``PYTHONPATH`` leading to the dot_proxy this process imports.
+
+    The child runs in its temp dir, where ``-m dot_proxy`` would find nothing unless the
+    package is installed: point it at the copy this process would import, so a test run from a
+    checkout exercises that checkout, and a benchmark the copy it reports.
+    """
+    env = {**os.environ, **(extra or {})}
+    spec = importlib.util.find_spec("dot_proxy")
+    if spec is not None and spec.submodule_search_locations:
+        source = str(Path(next(iter(spec.submodule_search_locations))).parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    return env
 
 
 # --- dnsperf -----------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ class Upstream:
         self._connections: list[Connection] = []
         # Queries waiting for a free slot, in arrival order (a dict as an ordered set).
         self._room_waiters: dict[Race, None] = {}
-        self._reuse = config.reuse
         self._max_connections = config.max_connections
 
     @property
@@ -61,8 +60,6 @@ class Upstream:
         another attempt in ``race`` won). A connection that dies with the query in flight
         costs one retry on another connection (RFC 7858 §3.4).
         """
-        if not self._reuse:
-            return await self._query_on_own_connection(message, key, race)
         connections = self._connections
         if connections and connections[0].ready.is_set() and connections[0].has_room:
             # The usual case, a warm pool with room: no checkout coroutine on the hot path.
@@ -153,26 +150,6 @@ class Upstream:
         for waiter in waiters:
             waiter.wake()
 
-    async def _query_on_own_connection(
-        self, message: bytes, key: bytes, race: Race | None
-    ) -> bytes:
-        # The original design, kept for comparison in the benchmark: one connection per query.
-        connection = Connection(
-            self.spec, self._ssl_context, self._config, on_room=_nothing, on_closed=_nothing
-        )
-        self._nursery.start_soon(connection.run)
-        try:
-            await connection.wait_ready(race)
-            if connection.closed:
-                raise connection.failure()
-            return await connection.exchange(message, key, race)
-        finally:
-            connection.retire(UpstreamClosed("query done"))
-
-
-def _nothing(*_args: object) -> None:
-    return None
-
 
 @asynccontextmanager
 async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
@@ -180,8 +157,8 @@ async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
 
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
-    verified = make_ssl_context(ca_file=config.ca_file)
-    pins_only = make_ssl_context(ca_file=config.ca_file, pins_only=True)
+    verified = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data)
+    pins_only = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data, pins_only=True)
     async with trio.open_nursery() as nursery:
         try:
             yield [

@@ -30,16 +30,22 @@ __all__ = [
 ]
 
 
-def make_ssl_context(*, ca_file: str | None, pins_only: bool = False) -> ssl.SSLContext:
+def make_ssl_context(
+    *, ca_file: str | None, ca_data: str | None = None, pins_only: bool = False
+) -> ssl.SSLContext:
     """The client TLS context for upstreams (RFC 7858 §3.2, RFC 8310 §5 strict profile).
 
-    System CAs, or only ``ca_file`` when given; certificate and host name checked; TLS 1.2 at
+    System CAs, or only the PEM certificates ``ca_data`` (read from ``ca_file`` earlier) or
+    ``ca_file`` when given; certificate and host name checked; TLS 1.2 at
     least; ALPN ``dot`` (RFC 7858 §3.1 does not require it, but servers that host several
     protocols on one port use it). ``pins_only`` is for upstreams authenticated by SPKI pins
     alone (RFC 7858 §4.2): the chain and name go unchecked because the pin check after the
     handshake, which nothing skips, is the authentication.
     """
-    context = ssl.create_default_context(cafile=ca_file)
+    if ca_data is not None:
+        context = ssl.create_default_context(cadata=ca_data)
+    else:
+        context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["dot"])
     if pins_only:

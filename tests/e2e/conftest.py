@@ -1,24 +1,45 @@
-"""Fixtures that run real DNS software (see ``tests/realdns.py``)."""
+"""Fixtures that run real DNS software (see ``dot_proxy/testing/realdns.py``)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import pytest
 
 from dot_proxy.testing import realdns
 
 
+def _skip_or_fail(message: str) -> None:
+    # On CI every tool must be there: a missing one is a failure, never a silent skip.
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 def _require_tools(*names: str) -> None:
     """Skip the test when a program is missing; fail instead on CI, where it must be there."""
     missing = realdns.missing_tools(*names)
-    if not missing:
-        return
-    message = f"not installed: {', '.join(missing)} (apt-get install {' '.join(missing)})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    if missing:
+        _skip_or_fail(f"not installed: {', '.join(missing)} (apt-get install {' '.join(missing)})")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    """A fixture that starts a missing program skips the test (fails it on CI)."""
+    try:
+        return (yield)
+    except realdns.ToolMissingError as exc:
+        _skip_or_fail(str(exc))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """So does a test that starts one itself (``realdns.Unbound(...)``) without asking first."""
+    try:
+        return (yield)
+    except realdns.ToolMissingError as exc:
+        _skip_or_fail(str(exc))
 
 
 @pytest.fixture

@@ -128,7 +128,10 @@ def test_dot_proxy_fixture_forwards_to_unbound(
 
 
 @pytest.mark.e2e
-def test_unbound_restart_keeps_its_port(pki: realdns.Pki, tmp_path: Path) -> None:
+def test_unbound_restart_keeps_its_port(
+    pki: realdns.Pki, tmp_path: Path, require_tools: Callable[..., None]
+) -> None:
+    require_tools("unbound")
     with realdns.Unbound(pki, workdir=tmp_path) as server:
         port, first_pid = server.tls_port, server.pid
 

@@ -1,6 +1,6 @@
 """How much slower the same Python work runs after a pause: the cost of cold caches here.
 
-    python bench/cold_cache.py
+    python bench/investigations/cold_cache.py
 
 Times a fixed workload (200 dict inserts of small tuples) back to back, then after a 5 ms pause
 spent sleeping, then after one spent spinning on the clock. On a shared VM the last two are
@@ -43,7 +43,7 @@ def median_us(pause: Callable[[], None] | None) -> float:
 
 
 def main() -> None:
-    print("python bench/cold_cache.py  (median of 300, µs)")
+    print("python bench/investigations/cold_cache.py  (median of 300, µs)")
     print(f"back to back:          {median_us(None):7.1f}")
     print(f"after a 5 ms sleep:    {median_us(lambda: time.sleep(PAUSE)):7.1f}")
     print(f"after a 5 ms spin:     {median_us(lambda: spin(PAUSE)):7.1f}")

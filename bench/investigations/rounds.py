@@ -1,6 +1,6 @@
 """Scheduling rounds and task steps per query, with how long each task's steps take.
 
-    python bench/rounds.py --qps 200 --seconds 4
+    python bench/investigations/rounds.py --qps 200 --seconds 4
 
 Runs dot-proxy in this process (its ``serve``, default configuration, one upstream) against a
 local unbound over DoT, drives it with dnsperf from one client at a fixed rate, and counts
@@ -27,7 +27,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = Path(__file__).resolve().parents[1]  # inprocess.py, the in-process runner
 
 
 class Counting:
@@ -125,8 +126,8 @@ class _TimedSocket:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))  # dot_proxy.testing.realdns from this checkout
-    sys.path.insert(0, str(args.source))  # dot_proxy from the one measured
+    sys.path.insert(0, str(BENCH))  # a script's path holds only its own folder
+    sys.path.insert(0, str(args.source))  # dot_proxy (and its testing helpers) from that one
     # Imported here, after the path is set, so that --source decides which dot_proxy runs.
     import trio  # noqa: PLC0415
     from inprocess import run_under_dnsperf  # noqa: PLC0415
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(args: argparse.Namespace, counting: Counting, answered: int, latency: float) -> None:
     print(
-        f"python bench/rounds.py --qps {args.qps} --seconds {args.seconds:g} "
+        f"python bench/investigations/rounds.py --qps {args.qps} --seconds {args.seconds:g} "
         f"--transport {args.transport}  (dot_proxy from {args.source})"
     )
     rounds = counting.blocking_rounds + counting.zero_rounds

@@ -1,6 +1,6 @@
 """What the design's fixed shape costs per query in trio alone, before any TLS or DNS work.
 
-    python bench/trio_floor.py --seconds 8 --rounds 3 --out docs/trio-floor.md
+    python bench/investigations/trio_floor.py --seconds 8 --rounds 3 --out docs/trio-floor.md
 
 The design card fixes the shape of the hot path: a trio serve loop that spawns a task per
 query, each task under ``trio.move_on_after(timeout)``, talking to a connection whose reader and
@@ -34,12 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import trio
 
-import trio  # noqa: E402
-
-from dot_proxy.testing import realdns  # noqa: E402
+from dot_proxy.testing import realdns
 
 SHAPES = ("bare", "task", "scope", "handoff")
 BURST = 64
@@ -136,7 +133,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for shape in SHAPES:
             results[shape].append(measure(shape, queries, args.seconds, args.qps))
-    command = f"python bench/trio_floor.py --seconds {args.seconds:g} --rounds {args.rounds}"
+    command = "python bench/investigations/trio_floor.py"
+    command += f" --seconds {args.seconds:g} --rounds {args.rounds}"
     if args.qps:
         command += f" --qps {args.qps}"
     if args.out:

@@ -1,7 +1,7 @@
 """How often the cyclic garbage collector runs under load, and how long its passes take.
 
-    python bench/gc_passes.py --seconds 10                          # the proxy's setting
-    python bench/gc_passes.py --seconds 10 --thresholds 700,10,10   # CPython's default
+    python bench/investigations/gc_passes.py --seconds 10              # the proxy's setting
+    python bench/investigations/gc_passes.py --seconds 10 --thresholds 700,10,10  # CPython's
 
 Runs dot-proxy in this process (its ``serve``, default configuration, one upstream) against a
 local unbound over DoT, with the collector set up as ``cli.main`` sets it up (``gc.freeze``
@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dot_proxy import cli
+from dot_proxy.testing import realdns
 
-from inprocess import run_under_dnsperf  # noqa: E402
+# inprocess.py, the maintained in-process runner, is in bench/: one folder up from this
+# script's own, which is the only one Python puts on a script's path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dot_proxy import cli  # noqa: E402
-from dot_proxy.testing import realdns  # noqa: E402
+from inprocess import run_under_dnsperf
 
 
 class PassTimer:
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(args: argparse.Namespace, timer: PassTimer, result: realdns.DnsperfResult) -> None:
     print(
-        f"python bench/gc_passes.py --seconds {args.seconds:g} --transport {args.transport} "
+        f"python bench/investigations/gc_passes.py --seconds {args.seconds:g} "
+        f"--transport {args.transport} "
         f"--clients {args.clients} --thresholds {','.join(map(str, args.thresholds))}"
     )
     print(f"{result.qps:,.0f} queries/s, {result.queries_lost} lost")
