@@ -11,19 +11,23 @@ import ssl
 import statistics
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dot_proxy.testing import realdns
 
 MIB = 1024 * 1024
-TRANSPORT_COLOURS = {"udp": "tab:blue", "tcp": "tab:orange", "dot": "tab:gray"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One system under test: where dnsperf sends, and whose CPU and memory we sample."""
+    """One system under test: where dnsperf sends, and whose CPU and memory we sample.
+
+    ``kind``: "forwarding" (every query goes upstream), "cache" (answers from its cache) or
+    "floor" (the bare trio loop, no DNS at all).
+    """
 
     name: str
     port: int
@@ -31,6 +35,7 @@ class Target:
     pid: int
     command: str
     config: tuple[Path, ...] = ()
+    kind: str = "forwarding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,21 @@ class LoadRun:
     result: realdns.DnsperfResult
     cpu_us: float
     rss: int
+    upstream_queries: int | None = None  # asked of the upstream during the run (cache rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """How a caching system was filled before measuring: every name of the zone once over
+    UDP, then each hit name once on each transport."""
+
+    target: str
+    command: str  # the fill's dnsperf
+    sent: int
+    answered: int  # NOERROR answers to the fill
+    warm_commands: tuple[str, ...]  # the hit names, once per transport
+    upstream_queries: int  # asked of the upstream by the fill and the warm-up together
+    rss: int  # VmRSS after
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +92,11 @@ class Measurements:
     seconds: float
     latency_qps: int
     latency_seconds: float
+    fills: tuple[Fill, ...] = ()
+    hit_count: int = 0  # lines of the hit file
+    fill_count: int = 0  # lines of the fill file: distinct names with data in the zone
+    zone: str = ""  # what the upstream serves, in a few words
+    workdir: str = ""  # the run's temporary directory, written $WORKDIR in the report
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +105,7 @@ class Row:
 
     target: str
     transport: str
+    kind: str
     qps: float
     qps_min: float
     qps_max: float
@@ -92,6 +118,7 @@ class Row:
     peak_rss: int
     rss_first: int  # after the first max-load run and after the last: is memory flat?
     rss_last: int
+    upstream_queries: int | None  # summed over the max-load runs, where counted
 
 
 def summarize(measured: Measurements) -> list[Row]:
@@ -108,6 +135,7 @@ def summarize(measured: Measurements) -> list[Row]:
                 Row(
                     target=target.name,
                     transport=transport,
+                    kind=target.kind,
                     qps=statistics.median(qps),
                     qps_min=min(qps),
                     qps_max=max(qps),
@@ -120,12 +148,23 @@ def summarize(measured: Measurements) -> list[Row]:
                     peak_rss=measured.peak_rss[target.name],
                     rss_first=mine[0].rss,
                     rss_last=mine[-1].rss,
+                    upstream_queries=_total(run.upstream_queries for run in mine),
                 )
             )
     return rows
 
 
-def _ratio(row: Row, rows: Sequence[Row], reference: str) -> str:
+def _total(values: Iterable[int | None]) -> int | None:
+    counted = [value for value in values if value is not None]
+    return sum(counted) if counted else None
+
+
+def find_row(rows: Sequence[Row], target: str, transport: str) -> Row | None:
+    return next((r for r in rows if (r.target, r.transport) == (target, transport)), None)
+
+
+def ratio(row: Row, rows: Sequence[Row], reference: str) -> str:
+    """``row``'s queries/s over ``reference``'s on the same transport (any, for the limit)."""
     for other in rows:
         same_transport = other.transport == row.transport or reference == "limit"
         if other.target == reference and same_transport:
@@ -133,24 +172,50 @@ def _ratio(row: Row, rows: Sequence[Row], reference: str) -> str:
     return "-"
 
 
-def render_table(rows: Sequence[Row]) -> str:
-    header = (
-        "| system | transport | queries/s (median) | min-max | lost | latency avg ms "
-        "| p50 ms | p99 ms | CPU µs/query | peak RSS MiB | RSS MiB first-last "
-        "| x stubby | x dnsdist | x limit |"
-    )
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+def render_table(
+    rows: Sequence[Row],
+    *,
+    references: Sequence[str] = ("stubby", "dnsdist", "limit"),
+    all_rows: Sequence[Row] | None = None,
+    extra: Sequence[tuple[str, Callable[[Row], str]]] = (),
+) -> str:
+    """A markdown table of ``rows``: the measured columns, then ``extra`` columns (title, cell),
+    then the throughput ratio to each of ``references``, looked up in ``all_rows``."""
+    pool = rows if all_rows is None else all_rows
+    titles = [
+        "system",
+        "transport",
+        "queries/s (median)",
+        "min-max",
+        "lost",
+        "latency avg ms",
+        "p50 ms",
+        "p99 ms",
+        "CPU µs/query",
+        "peak RSS MiB",
+        "RSS MiB first-last",
+        *(title for title, _ in extra),
+        *(f"x {name}" for name in references),
+    ]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         lost = f"{row.lost}" + (f" (+{row.lost_low_rate} low rate)" if row.lost_low_rate else "")
-        lines.append(
-            f"| {row.target} | {row.transport} | {row.qps:,.0f} | "
-            f"{row.qps_min:,.0f}-{row.qps_max:,.0f} | {lost} | "
-            f"{row.latency_avg * 1e3:.3f} | {row.p50 * 1e3:.3f} | {row.p99 * 1e3:.3f} | "
-            f"{row.cpu_us:.1f} | {row.peak_rss / MIB:.1f} | "
-            f"{row.rss_first / MIB:.1f}-{row.rss_last / MIB:.1f} | "
-            f"{_ratio(row, rows, 'stubby')} | {_ratio(row, rows, 'dnsdist')} | "
-            f"{_ratio(row, rows, 'limit')} |"
-        )
+        cells = [
+            row.target,
+            row.transport,
+            f"{row.qps:,.0f}",
+            f"{row.qps_min:,.0f}-{row.qps_max:,.0f}",
+            lost,
+            f"{row.latency_avg * 1e3:.3f}",
+            f"{row.p50 * 1e3:.3f}",
+            f"{row.p99 * 1e3:.3f}",
+            f"{row.cpu_us:.1f}",
+            f"{row.peak_rss / MIB:.1f}",
+            f"{row.rss_first / MIB:.1f}-{row.rss_last / MIB:.1f}",
+            *(cell(row) for _, cell in extra),
+            *(ratio(row, pool, name) for name in references),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -205,9 +270,20 @@ def _cpu_model() -> str:
     return f"{os.cpu_count()} CPUs"
 
 
-def render_markdown(rows: Sequence[Row], measured: Measurements, *, chart: str | None) -> str:
-    """The report: table, how to read it, versions, commands and configuration files."""
+def public(text: str, measured: Measurements) -> str:
+    """``text`` without this machine's paths: the run's directory as ``$WORKDIR``, this
+    interpreter as ``python``, the checkout's root left out."""
+    if measured.workdir:
+        text = text.replace(measured.workdir, "$WORKDIR")
+    return text.replace(sys.executable, "python").replace(f"{ROOT}/", "")
+
+
+def render_markdown(
+    rows: Sequence[Row], measured: Measurements, *, chart: str | None, cache_section: str = ""
+) -> str:
+    """The report: tables, how to read them, versions, commands and configuration files."""
     m = measured
+    forwarding = [row for row in rows if row.kind == "forwarding"]
     versions = "\n".join(f"- {name}: `{value}`" for name, value in tool_versions().items())
     servers = "\n".join(f"- {t.name}: `{t.command}`" for t in measured.targets)
     commands = sorted(
@@ -218,17 +294,27 @@ def render_markdown(rows: Sequence[Row], measured: Measurements, *, chart: str |
         for name, text in measured.configs
     )
     image = "" if chart is None else f"\n![throughput and latency]({chart})\n"
-    return f"""# Benchmarks
+    cache_files = (
+        f"; the cache rows' `hits.txt` is {m.hit_count} names of the zone, `fill.txt` every"
+        f" name of the zone with data, {m.fill_count:,} lines"
+        if m.fill_count
+        else ""
+    )
+    text = f"""# Benchmarks
 
 Generated by `{m.command_line}` on \
 {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. All on loopback: one unbound
-serves the zone `test.` over DoT (trustme certificate for `dns.test`, one thread, no cache
-involved: local data); every system forwards to it over TLS and verifies that certificate.
-Machine load average (1 min) {m.loadavg_before:.2f} before, \
+serves the zone `test.` ({m.zone or "local data"}) over DoT (trustme certificate for `dns.test`,
+one thread, no cache involved: local data); every system forwards to it over TLS and verifies
+that certificate. Machine load average (1 min) {m.loadavg_before:.2f} before, \
 {m.loadavg_after:.2f} after.
 
-{render_table(rows)}
-{image}{_baseline_section(rows)}
+## Forwarding
+
+Every query goes upstream: dot-proxy runs with `--cache-size 0` in these rows.
+
+{render_table(forwarding)}
+{image}{_baseline_section(forwarding)}
 - **queries/s**: median of {m.rounds} rounds of `dnsperf` at maximum load, {m.clients}
   clients, {m.seconds:g} s each; min-max over the rounds. Rounds interleave the systems
   (order rotated each round) so drift on this shared machine hits all alike.
@@ -255,7 +341,7 @@ Machine load average (1 min) {m.loadavg_before:.2f} before, \
   upstream); dnsdist sends them unpadded.
 - **dot-proxy@REV** (`--baseline REV`): dot-proxy run from that git revision (a worktree),
   same flags, in the same rounds: a regression shows as a ratio below 1x.
-
+{cache_section}
 ## Versions
 
 {versions}
@@ -266,8 +352,8 @@ Servers:
 
 {servers}
 
-dnsperf (the same command every round; the query file is {m.query_count} lines of A, AAAA,
-TXT and NXDOMAIN names from `dot_proxy/testing/realdns.py`):
+dnsperf (the same command every round; the forwarding rows' query file is {m.query_count}
+lines of A, AAAA, TXT and NXDOMAIN names from `dot_proxy/testing/realdns.py`{cache_files}):
 
 ```
 {chr(10).join(commands)}
@@ -277,54 +363,9 @@ TXT and NXDOMAIN names from `dot_proxy/testing/realdns.py`):
 
 {config_blocks}
 """
+    return public(text, measured)
 
 
 def _baseline_section(rows: Sequence[Row]) -> str:
     text = render_baseline(rows)
     return f"\n{text}\n\n" if text else ""
-
-
-def write_chart(rows: Sequence[Row], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415 (optional: only needed for the chart)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.patches import Patch  # noqa: PLC0415
-
-    # "dot-proxy-no-padding" is too wide for its bar: put the variant on a line of its own.
-    labels = [f"{_wrapped(row.target)}\n{row.transport}" for row in rows]
-    positions = range(len(rows))
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, len(rows) * 1.1), 8))
-    top.bar(
-        positions,
-        [row.qps for row in rows],
-        yerr=[
-            [row.qps - row.qps_min for row in rows],
-            [row.qps_max - row.qps for row in rows],
-        ],
-        capsize=3,
-        color=[TRANSPORT_COLOURS.get(row.transport, "tab:gray") for row in rows],
-    )
-    top.legend(
-        handles=[Patch(color=colour, label=name) for name, colour in TRANSPORT_COLOURS.items()]
-    )
-    top.set_ylabel("queries/s (median, min-max)")
-    top.set_title("Throughput at maximum load")
-    width = 0.4
-    p50 = [row.p50 * 1e3 for row in rows]
-    p99 = [row.p99 * 1e3 for row in rows]
-    bottom.bar([p - width / 2 for p in positions], p50, width, label="p50", color="tab:green")
-    bottom.bar([p + width / 2 for p in positions], p99, width, label="p99", color="tab:red")
-    bottom.set_ylabel("ms")
-    bottom.set_title("Latency at low load")
-    bottom.legend()
-    for axes in (top, bottom):
-        axes.set_xticks(list(positions), labels, fontsize=8)
-        axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def _wrapped(name: str) -> str:
-    return name.replace("dot-proxy-", "dot-proxy\n", 1)

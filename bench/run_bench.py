@@ -1,12 +1,16 @@
-"""Benchmark dot-proxy against stubby, dnsdist and the upstream itself, all on loopback.
+"""Benchmark dot-proxy against stubby, dnsdist and unbound, all on loopback: forwarding, and
+answering from a cache.
 
-    python bench/run_bench.py --seconds 10 --rounds 3 --out docs/benchmarks.md
+    python bench/run_bench.py --seconds 5 --rounds 3 --out docs/benchmarks.md
+    python bench/run_bench.py --only cache   # the cache rows and what their targets need
 
 One unbound serves the test zone over DoT with a trustme certificate. Every system forwards
-to it over TLS, verifying that certificate; dnsperf drives each over UDP and TCP. The runs are
+to it over TLS, verifying that certificate; dnsperf drives each over UDP and TCP: the
+forwarding rows with many names (dot-proxy's cache off), the cache rows with a few names each
+system has answered before (``bench/systems.py`` says which system is which). The runs are
 interleaved in rounds (each round runs every system once, the order rotated), so drift on a
-shared machine hits all systems alike. The report's format is in ``bench/report.py``; see
-issue 3 for what the numbers are for.
+shared machine hits all systems alike. The report's format is in ``bench/report.py`` and
+``bench/cache_report.py``; see issues 3 and 13 for what the numbers are for.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import dns.message
-from ab import ProxyFrom, worktree
+from cache_report import Check, cache_checks, render_cache_section
+from chart import write_chart
 from report import (
     LatencyRun,
     LoadRun,
@@ -36,29 +41,24 @@ from report import (
     render_markdown,
     render_table,
     summarize,
-    write_chart,
+)
+from systems import (
+    FILL_SECONDS,
+    ONLY,
+    SYSTEMS,
+    ZONE,
+    QueryFiles,
+    ensure_tools,
+    fill_caches,
+    kind_of,
+    start_targets,
+    upstream_queries,
+    write_query_files,
 )
 
 from dot_proxy.testing import realdns
 
 ROOT = Path(__file__).resolve().parents[1]
-
-SYSTEMS = (
-    "dot-proxy",
-    "dot-proxy-no-padding",
-    "dot-proxy-workers-2",
-    "stubby",
-    "dnsdist",
-    "limit",
-)
-# dot-proxy variants: what each adds to its command line.
-VARIANT_FLAGS = {
-    "dot-proxy-no-padding": ["--no-padding"],
-    # Two processes on one port (SO_REUSEPORT); CPU and RSS are summed over the workers.
-    "dot-proxy-workers-2": ["--workers", "2"],
-}
-# Debian packages that provide each program the selected systems need.
-PACKAGES = {"unbound": "unbound", "dnsperf": "dnsperf", "stubby": "stubby", "dnsdist": "dnsdist"}
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -75,8 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--warmup", type=float, default=1, help="unrecorded run per system first (seconds)")
     add(
         "--systems",
-        default=",".join(SYSTEMS),
         help=f"comma-separated, from {', '.join(SYSTEMS)} (default: all)",
+    )
+    add(
+        "--only",
+        choices=sorted(ONLY),
+        help="forwarding: the forwarding rows; cache: the cache rows, with dot-proxy's and "
+        "stubby's forwarding rows, which their targets are ratios to",
     )
     add("--proxy-args", default="", help="extra dot-proxy arguments (shell-quoted)")
     add(
@@ -90,10 +95,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--no-chart", action="store_true", help="skip the chart (no matplotlib needed)")
     add("--workdir", type=Path, help="keep configs and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.systems is not None and args.only is not None:
+        parser.error("--systems and --only: give one of them")
+    if args.systems is None:
+        args.systems = ",".join(ONLY[args.only] if args.only else SYSTEMS)
     args.systems = [name.strip() for name in args.systems.split(",") if name.strip()]
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    args.baseline_name = None
     if args.baseline:
         revision = f"{args.baseline}^{{commit}}"
         check = ["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", revision]
@@ -101,37 +111,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--baseline: {args.baseline!r} is not a revision of this repository")
         # Next to dot-proxy, so that the two sit together in the table.
         at = args.systems.index("dot-proxy") + 1 if "dot-proxy" in args.systems else 0
-        args.systems.insert(at, baseline_name(args.baseline))
+        args.baseline_name = f"dot-proxy@{args.baseline}"
+        args.systems.insert(at, args.baseline_name)
     if args.chart is None:
         args.chart = args.out.with_suffix(".png")
     return args
-
-
-def baseline_name(revision: str) -> str:
-    return f"dot-proxy@{revision}"
-
-
-def ensure_tools(systems: Sequence[str]) -> None:
-    """Install the Debian packages the selected systems need, when root; else exit with a hint."""
-    needed = ["unbound", "dnsperf"] + [name for name in ("stubby", "dnsdist") if name in systems]
-    missing = realdns.missing_tools(*needed)
-    if not missing:
-        return
-    packages = [PACKAGES[name] for name in missing]
-    if os.geteuid() != 0:
-        sys.exit(
-            f"missing: {', '.join(missing)}; run: sudo apt-get install -y {' '.join(packages)}"
-        )
-    print(f"installing {' '.join(packages)} with apt-get", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    if subprocess.run(install, env=env, check=False).returncode != 0:
-        # A fresh container has no package lists yet.
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
-    still = realdns.missing_tools(*needed)
-    if still:
-        sys.exit(f"still missing after apt-get: {', '.join(still)}")
 
 
 def ensure_python_modules(want_chart: bool) -> None:
@@ -143,56 +127,6 @@ def ensure_python_modules(want_chart: bool) -> None:
             sys.exit("matplotlib is missing: pip install matplotlib (or pass --no-chart)")
 
 
-def start_targets(
-    stack: contextlib.ExitStack,
-    args: argparse.Namespace,
-    pki: realdns.Pki,
-    unbound: realdns.Unbound,
-    workdir: Path,
-) -> list[Target]:
-    """Start every selected system; the stack stops them."""
-    targets = []
-    proxy_args = shlex.split(args.proxy_args)
-    for name in args.systems:
-        if name == "limit":
-            targets.append(
-                Target(
-                    "limit",
-                    unbound.tls_port,
-                    ("dot",),
-                    unbound.pid,
-                    unbound.command,
-                    (unbound.config_file,),
-                )
-            )
-            continue
-        server: realdns.DotProxy | realdns.Stubby | realdns.Dnsdist
-        if name == "stubby":
-            server = realdns.Stubby(pki, unbound.tls_port, workdir=workdir / name)
-            config: tuple[Path, ...] = (server.config_file,)
-        elif name == "dnsdist":
-            server = realdns.Dnsdist(pki, unbound.tls_port, workdir=workdir / name)
-            config = (server.config_file,)
-        elif args.baseline and name == baseline_name(args.baseline):
-            source = stack.enter_context(worktree(args.baseline))
-            server = ProxyFrom(
-                source, pki, unbound.upstream_spec, extra_args=proxy_args, workdir=workdir / name
-            )
-            config = ()
-        else:
-            extra = [*proxy_args, *VARIANT_FLAGS.get(name, [])]
-            server = realdns.DotProxy(
-                pki, unbound.upstream_spec, extra_args=extra, workdir=workdir / name
-            )
-            config = ()
-        stack.enter_context(server)
-        targets.append(
-            Target(name, server.port, ("udp", "tcp"), server.pid, server.command, config)
-        )
-        print(f"started {name} on port {server.port}: {server.command}", flush=True)
-    return targets
-
-
 # --- measuring ---------------------------------------------------------------------------------
 
 
@@ -202,14 +136,19 @@ def load_run(
     round_: int,
     queries: Path,
     args: argparse.Namespace,
+    count_upstream: Callable[[], int],
 ) -> LoadRun:
+    """One max-load run; for a cache row, also what the upstream was asked meanwhile."""
+    counted = target.kind == "cache"
+    upstream_before = count_upstream() if counted else 0
     before = realdns.sample_process(target.pid)
     result = realdns.run_dnsperf(
         target.port, queries, mode=transport, clients=args.clients, seconds=args.seconds
     )
     after = realdns.sample_process(target.pid)
+    upstream = count_upstream() - upstream_before if counted else None
     cpu = realdns.cpu_us_per_query(before, after, result.queries_completed)
-    return LoadRun(target.name, transport, round_, result, cpu, after.rss_bytes)
+    return LoadRun(target.name, transport, round_, result, cpu, after.rss_bytes, upstream)
 
 
 def latency_run(
@@ -287,7 +226,11 @@ def _sleep_until(moment: float) -> None:
 
 
 def run_rounds(
-    targets: Sequence[Target], queries: Path, pki: realdns.Pki, args: argparse.Namespace
+    targets: Sequence[Target],
+    files: QueryFiles,
+    pki: realdns.Pki,
+    args: argparse.Namespace,
+    count_upstream: Callable[[], int],
 ) -> tuple[list[LoadRun], list[LatencyRun]]:
     loads: list[LoadRun] = []
     latencies: list[LatencyRun] = []
@@ -295,27 +238,41 @@ def run_rounds(
         shift = (round_ - 1) % len(targets)
         order = [*targets[shift:], *targets[:shift]]  # rotated: no system always goes first
         for target in order:
+            queries = files.for_target(target)
             for transport in target.transports:
-                load = load_run(target, transport, round_, queries, args)
+                load = load_run(target, transport, round_, queries, args, count_upstream)
                 loads.append(load)
                 latencies.append(latency_run(target, transport, round_, queries, pki, args))
                 print(
-                    f"round {round_}: {target.name:<18} {transport}: "
+                    f"round {round_}: {target.name:<20} {transport}: "
                     f"{load.result.qps:9.0f} q/s, lost {load.result.queries_lost}, "
-                    f"{load.cpu_us:6.1f} µs CPU/query",
+                    f"{load.cpu_us:6.1f} µs CPU/query{_upstream_note(load)}",
                     flush=True,
                 )
     return loads, latencies
 
 
-def warm_up(targets: Sequence[Target], queries: Path, args: argparse.Namespace) -> None:
+def _upstream_note(load: LoadRun) -> str:
+    if load.upstream_queries is None:
+        return ""
+    note = f", {load.upstream_queries} upstream queries"
+    if load.upstream_queries > load.result.queries_completed / 100:
+        note += " (warning: more than 1% of the answers: not all hits)"
+    return note
+
+
+def warm_up(targets: Sequence[Target], files: QueryFiles, args: argparse.Namespace) -> None:
     """Fill pools and caches of code before anything is recorded."""
     if args.warmup <= 0:
         return
     for target in targets:
         for transport in target.transports:
             realdns.run_dnsperf(
-                target.port, queries, mode=transport, clients=args.clients, seconds=args.warmup
+                target.port,
+                files.for_target(target),
+                mode=transport,
+                clients=args.clients,
+                seconds=args.warmup,
             )
 
 
@@ -333,25 +290,33 @@ def _workdir(path: Path | None) -> Iterator[Path]:
 
 
 def estimate_seconds(args: argparse.Namespace) -> float:
-    runs = sum(1 if name == "limit" else 2 for name in args.systems)
+    runs = sum(1 if name in ("limit", "bare-loop") else 2 for name in args.systems)
     per_run = args.seconds + args.latency_seconds + 0.5
-    return float(runs * (args.rounds * per_run + args.warmup))
+    fills = sum(kind_of(name) == "cache" for name in args.systems) * FILL_SECONDS
+    return float(runs * (args.rounds * per_run + args.warmup) + fills)
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> Measurements:
     """Start unbound and the systems, run the rounds, stop them all."""
     with contextlib.ExitStack() as stack:
         pki = realdns.make_pki(workdir / "pki")
-        queries = realdns.write_queries(workdir / "queries.txt")
-        unbound = stack.enter_context(realdns.Unbound(pki, workdir=workdir / "unbound"))
+        files = write_query_files(workdir)
+        unbound = stack.enter_context(
+            realdns.Unbound(pki, ZONE, control=True, workdir=workdir / "unbound")
+        )
         print(f"started unbound, DoT on port {unbound.tls_port}", flush=True)
         targets = start_targets(stack, args, pki, unbound, workdir)
         loadavg_before = os.getloadavg()[0]
         if loadavg_before > (os.cpu_count() or 1) / 2:
             # Everything here shares the CPUs with whatever else runs: throughput will swing.
             print(f"warning: load average {loadavg_before:.1f} before starting", flush=True)
-        warm_up(targets, queries, args)
-        loads, latencies = run_rounds(targets, queries, pki, args)
+
+        def count_upstream() -> int:
+            return upstream_queries(unbound)
+
+        fills = fill_caches(targets, files, args.clients, count_upstream)
+        warm_up(targets, files, args)
+        loads, latencies = run_rounds(targets, files, pki, args, count_upstream)
         configs = (unbound.config_file, *(path for t in targets for path in t.config))
         return Measurements(
             targets=tuple(targets),
@@ -359,7 +324,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measurements:
             latencies=tuple(latencies),
             configs=tuple((path.name, path.read_text()) for path in configs),
             peak_rss={t.name: realdns.peak_rss_bytes(t.pid) for t in targets},
-            query_count=len(queries.read_text().splitlines()),
+            query_count=len(files.forwarding.read_text().splitlines()),
             loadavg_before=loadavg_before,
             loadavg_after=os.getloadavg()[0],
             command_line=shlex.join(["python", "bench/run_bench.py", *args.argv]),
@@ -368,6 +333,11 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measurements:
             seconds=args.seconds,
             latency_qps=args.latency_qps,
             latency_seconds=args.latency_seconds,
+            fills=tuple(fills),
+            hit_count=len(files.hits.read_text().splitlines()),
+            fill_count=len(files.fill.read_text().splitlines()),
+            zone=f"{ZONE.hosts:,} hosts with A and AAAA, TTL {ZONE.ttl} s",
+            workdir=str(workdir),
         )
 
 
@@ -382,17 +352,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = measure(args, workdir)
     rows = summarize(measured)
     print()
-    print(render_table(rows))
+    print(render_table(rows, references=("stubby", "dnsdist", "dot-proxy", "bare-loop")))
     if against := render_baseline(rows):
         print(f"\n{against}")
+    checks = cache_checks(measured, rows)
+    if any(check.met is not None for check in checks):
+        print()
+        for check in checks:
+            print(f"{check.what}: {check.measured} (goal {check.goal}) {_verdict(check)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     chart = None if args.no_chart else os.path.relpath(args.chart, args.out.parent)
-    args.out.write_text(render_markdown(rows, measured, chart=chart))
+    cache = render_cache_section(rows, measured)
+    args.out.write_text(render_markdown(rows, measured, chart=chart, cache_section=cache))
     print(f"\nwrote {args.out}")
     if not args.no_chart:
         write_chart(rows, args.chart)
         print(f"wrote {args.chart}")
     return 0
+
+
+def _verdict(check: Check) -> str:
+    return {True: "met", False: "NOT MET", None: ""}[check.met]
 
 
 if __name__ == "__main__":

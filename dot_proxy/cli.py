@@ -38,6 +38,9 @@ from dot_proxy.config import (
 )
 from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
+from dot_proxy.healthcheck import run_healthcheck
+from dot_proxy.serve.activation import adopt_sockets, take_listen_fds
+from dot_proxy.serve.notify import Notifier
 from dot_proxy.serve.server import serve
 from dot_proxy.serve.sockets import bind_worker_sockets
 from dot_proxy.upstream.tls import make_ssl_context
@@ -484,14 +487,50 @@ def _check(argv: list[str]) -> NoReturn:
     sys.exit(trio.run(partial(run_check, config, query=query)))
 
 
+def _healthcheck(argv: list[str]) -> NoReturn:
+    # The server's own flags and variables: it asks the proxy they describe.
+    try:
+        config = build_config(argv, os.environ)
+    except ConfigError as exc:
+        print(f"dot-proxy healthcheck: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    sys.exit(trio.run(run_healthcheck, config))
+
+
+# `dot-proxy NAME [flags]`: a different job, an exit status.
+SUBCOMMANDS: dict[str, Callable[[list[str]], NoReturn]] = {
+    "check": _check,
+    "healthcheck": _healthcheck,
+}
+
+
 async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
+    # The service manager hears from the process it started, not from workers (parent set).
+    notifier = Notifier.from_environ(os.environ) if parent is None else None
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, stop)
         if parent is not None:
             nursery.start_soon(watch_parent, parent, stop)
-        await serve(config, sockets=sockets, stop=stop)
-        nursery.cancel_scope.cancel()
+        bound = await nursery.start(_serve, config, sockets, stop, nursery.cancel_scope)
+        if notifier is not None and notifier.enabled:
+            # Type=notify: systemd counts the service started only now, once it answers.
+            where = (f"{kind} [{a}]:{p}" if ":" in a else f"{kind} {a}:{p}" for kind, a, p in bound)
+            notifier.ready("serving on " + ", ".join(where))
+            await stop.wait()
+            notifier.stopping()
+
+
+async def _serve(
+    config: Config,
+    sockets: list[socket.socket],
+    stop: trio.Event,
+    done: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(config, sockets=sockets, stop=stop, task_status=task_status)
+    done.cancel()  # served and stopped: the signal receiver and parent watch end too
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:
@@ -510,18 +549,34 @@ def _serve_worker(config: Config) -> Callable[[list[socket.socket], int], None]:
     return serve_one
 
 
+def _listening_sockets(config: Config) -> list[list[socket.socket]]:
+    """The sockets systemd passed (socket activation), else ours, bound per worker."""
+    passed = take_listen_fds(os.environ, os.getpid())
+    if passed is None:
+        return bind_worker_sockets(config)
+    if config.workers != 1:
+        raise ConfigError(
+            "--workers: the sockets systemd passes (LISTEN_FDS) serve one process; "
+            "use --workers 1, or run without the socket unit"
+        )
+    return [adopt_sockets(passed)]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting.
 
     ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work.
+    ``dot-proxy healthcheck [flags]`` asks the proxy those flags describe whether it serves.
+    Started by a systemd socket unit, it serves the sockets passed (``LISTEN_FDS``) and
+    tells systemd when it is ready (``NOTIFY_SOCKET``).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["check"]:
-        _check(args[1:])
+    if args[:1] and args[0] in SUBCOMMANDS:
+        SUBCOMMANDS[args[0]](args[1:])
     try:
         config = build_config(args, os.environ)
         _configure_logging(config.log_level, workers=config.workers)
-        socket_sets = bind_worker_sockets(config)
+        socket_sets = _listening_sockets(config)
         if config.user is not None:
             _drop_privileges(config.user, config.name_of("user"))
     except ConfigError as exc:
@@ -537,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         trio.run(_run, config, socket_sets[0])
         log.info("stopped")
         return
+    # The sockets are bound and listening: what arrives before the workers run waits in
+    # the kernel's queues. The workers themselves do not notify (NotifyAccess=main).
+    Notifier.from_environ(os.environ).ready(f"{config.workers} workers serving")
     status = run_workers(socket_sets, _serve_worker(config))
     log.info("stopped")
     sys.exit(status)

@@ -7,11 +7,12 @@ import dataclasses
 import errno
 import logging
 import socket
+import sys
 
 from dot_proxy.config import Config
 from dot_proxy.errors import ConfigError
 
-__all__ = ["UDP_RECEIVE_BUFFER", "bind_sockets", "bind_worker_sockets"]
+__all__ = ["UDP_RECEIVE_BUFFER", "bind_sockets", "bind_worker_sockets", "grow_receive_buffer"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,11 @@ TCP_BACKLOG = 1024
 # so-rcvbuf is commonly set to 4-8 MiB; SO_RCVBUFFORCE gets it past net.core.rmem_max where we
 # may (root), elsewhere the kernel grants up to rmem_max.
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+# Linux, with CAP_NET_ADMIN. Python's socket module does not name it (3.11-3.13): the number
+# is Linux's own, asm-generic/socket.h.
+SO_RCVBUFFORCE: int | None = getattr(
+    socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None
+)
 
 
 def bind_sockets(config: Config, *, reuse_port: bool = False) -> list[socket.socket]:
@@ -116,15 +122,23 @@ def _bind_one(address: str, port: int, kind: int, reuse_port: bool) -> socket.so
         if kind == socket.SOCK_STREAM:
             sock.listen(TCP_BACKLOG)
         else:
-            _grow_receive_buffer(sock, UDP_RECEIVE_BUFFER)
+            grow_receive_buffer(sock)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
-    force = getattr(socket, "SO_RCVBUFFORCE", None)  # Linux, with CAP_NET_ADMIN
+def grow_receive_buffer(sock: socket.socket, size: int = UDP_RECEIVE_BUFFER) -> None:
+    """Ask for a UDP receive buffer of ``size`` bytes, never shrinking a bigger one.
+
+    A socket systemd bound may have been given more already (``ReceiveBuffer=``, as root):
+    setting SO_RCVBUF again without privilege would cut it down to ``net.core.rmem_max``.
+    """
+    # The kernel reports twice what was asked (it counts its bookkeeping too).
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * size:
+        return
+    force = SO_RCVBUFFORCE
     if force is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, size)

@@ -5,9 +5,11 @@ Everything here runs on loopback only, on ports chosen at run time:
 - a trustme PKI (``make_pki``) for the name ``dns.test`` and the loopback addresses;
 - a local zone ``test.`` (``Zone``, ``write_zone``, ``write_queries``);
 - ``Unbound`` serving that zone over DoT (and plain DNS), the upstream of everything else;
-- ``Stubby``, ``Dnsdist`` and ``DotProxy``: DoT forwarders to that unbound, each verifying
-  its certificate against the trustme CA and the name ``dns.test``;
-- ``run_dnsperf`` and ``/proc`` sampling (``sample_process``) for the benchmark.
+- ``Stubby``, ``Dnsdist``, ``UnboundForwarder`` and ``DotProxy``: DoT forwarders to that
+  unbound, each verifying its certificate against the trustme CA and the name ``dns.test``
+  (dnsdist with or without its packet cache; the unbound forwarder caches);
+- ``run_dnsperf``, query files (``write_queries``, ``write_cache_queries``) and ``/proc``
+  sampling (``sample_process``) for the benchmark.
 
 No pytest here: ``tests/e2e/conftest.py`` and ``bench/run_bench.py`` both import this module.
 Each server class is a context manager; ``start()`` returns only once the server answers.
@@ -257,6 +259,46 @@ def write_queries(
     return path
 
 
+def zone_questions(zone: Zone | None = None) -> list[str]:
+    """Every question ``zone`` answers NOERROR with data, once, as dnsperf lines
+    (``"h7.test. AAAA"``): A and AAAA of every host, TXT of every ``txt_every``-th.
+
+    ``big.test``/``mid.test`` are left out, as in :func:`write_queries`.
+    """
+    zone = zone or Zone()
+    questions = []
+    for index in range(zone.hosts):
+        name = zone.host(index)
+        questions += [f"{name} A", f"{name} AAAA"]
+        if index % zone.txt_every == 0:
+            questions.append(f"{name} TXT")
+    return questions
+
+
+def write_cache_queries(
+    directory: Path | str, zone: Zone | None = None, *, hits: int = 100
+) -> tuple[Path, Path]:
+    """Write two dnsperf files for measuring caches; return their paths ``(hits, fill)``.
+
+    ``hits.txt``: ``hits`` questions spread evenly over :func:`zone_questions`, to be asked
+    again and again once each has been answered. ``fill.txt``: every question of the zone once,
+    the hit questions last, so that a least-recently-used cache filled from it ends up holding
+    them (the ones before may have been evicted).
+    """
+    questions = zone_questions(zone)
+    if not 0 < hits <= len(questions):
+        raise ValueError(f"hits must be 1..{len(questions)}, not {hits}")
+    chosen = questions[:: len(questions) // hits][:hits]
+    taken = set(chosen)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hits_file, fill_file = directory / "hits.txt", directory / "fill.txt"
+    hits_file.write_text("\n".join(chosen) + "\n")
+    fill = [question for question in questions if question not in taken] + chosen
+    fill_file.write_text("\n".join(fill) + "\n")
+    return hits_file, fill_file
+
+
 # --- clients (dnspython) -----------------------------------------------------------------------
 
 
@@ -471,6 +513,49 @@ class _Server(abc.ABC):
         self.cleanup()
 
 
+def _unbound_common(workdir: Path, verbosity: int) -> list[str]:
+    """The ``server:`` settings every unbound here shares: in the foreground, logging to
+    stderr, no privileges dropped, no validation, one thread, room for many TCP clients."""
+    return [
+        "do-daemonize: no",
+        "use-syslog: no",
+        'logfile: ""',  # stderr, which goes to log_file
+        f"verbosity: {verbosity}",
+        'username: ""',
+        'chroot: ""',
+        f'directory: "{workdir}"',
+        'pidfile: ""',
+        "access-control: 127.0.0.0/8 allow",
+        "access-control: ::1 allow",
+        "num-threads: 1",
+        'module-config: "iterator"',
+        # The default of 10 TCP/TLS clients per thread would throttle a benchmark
+        # (dnsperf -m dot alone opens one connection per client).
+        "incoming-num-tcp: 1000",
+        # Long-lived connections are what the forwarders under test should get (ms).
+        "tcp-idle-timeout: 120000",
+        "num-queries-per-thread: 4096",
+    ]
+
+
+def _unbound_config(
+    settings: Sequence[str], *, sections: Sequence[str] = (), control_port: int = 0
+) -> str:
+    """An unbound.conf: ``settings`` under ``server:``, then ``sections`` (whole clauses), then
+    ``remote-control:``, on ``control_port`` of loopback (no certificates) or off when 0."""
+    body = "\n".join("    " + line for line in settings)
+    control = ["control-enable: no"]
+    if control_port:
+        control = [
+            "control-enable: yes",
+            f"control-interface: {LOOPBACK}",
+            f"control-port: {control_port}",
+            "control-use-cert: no",
+        ]
+    clauses = [f"server:\n{body}\n", *sections, "remote-control:\n"]
+    return "".join(clauses) + "".join(f"    {line}\n" for line in control)
+
+
 class Unbound(_Server):
     """unbound serving ``Zone`` over DoT on ``tls_port`` and plain DNS on ``plain_port``.
 
@@ -491,6 +576,7 @@ class Unbound(_Server):
         extra_config: Sequence[str] = (),
         verbosity: int = 1,
         ipv6: bool = False,
+        control: bool = False,
         attempts: int = 3,
     ) -> None:
         super().__init__(workdir=workdir, attempts=attempts)
@@ -499,8 +585,10 @@ class Unbound(_Server):
         self.ipv6 = ipv6  # also listen on ::1, same ports (the certificate names ::1 too)
         self.extra_config = tuple(extra_config)
         self.verbosity = verbosity
+        self.control = control  # unbound-control on a loopback port, for statistics()
         self.tls_port = 0
         self.plain_port = 0
+        self.control_port = 0
         self.config_file = self.workdir / "unbound.conf"
         self.zone_file = write_zone(self.workdir / "zone.conf", self.zone)
 
@@ -519,6 +607,7 @@ class Unbound(_Server):
         # then unbound exits at once and start() retries with new ports.
         self.tls_port = free_port("both")
         self.plain_port = free_port("both")
+        self.control_port = free_port("tcp") if self.control else 0
         self.config_file.write_text(self.config_text())
         return [_require_tool("unbound"), "-d", "-c", str(self.config_file)]
 
@@ -533,30 +622,31 @@ class Unbound(_Server):
             f"tls-port: {self.tls_port}",
             f'tls-service-key: "{self.pki.key_file}"',
             f'tls-service-pem: "{self.pki.cert_file}"',
-            "do-daemonize: no",
-            "use-syslog: no",
-            'logfile: ""',  # stderr, which goes to log_file
-            f"verbosity: {self.verbosity}",
-            'username: ""',
-            'chroot: ""',
-            f'directory: "{self.workdir}"',
-            'pidfile: ""',
-            "access-control: 127.0.0.0/8 allow",
-            "access-control: ::1 allow",
+            *_unbound_common(self.workdir, self.verbosity),
             f"do-ip6: {'yes' if self.ipv6 else 'no'}",
-            "num-threads: 1",
-            'module-config: "iterator"',
-            # The default of 10 TCP/TLS clients per thread would throttle a benchmark
-            # (dnsperf -m dot alone opens one connection per client).
-            "incoming-num-tcp: 1000",
-            # Long-lived connections are what the forwarders under test should get (ms).
-            "tcp-idle-timeout: 120000",
-            "num-queries-per-thread: 4096",
             f'include: "{self.zone_file}"',
             *self.extra_config,
         ]
-        body = "\n".join("    " + line for line in settings)
-        return f"server:\n{body}\nremote-control:\n    control-enable: no\n"
+        return _unbound_config(settings, control_port=self.control_port)
+
+    def statistics(self) -> dict[str, float]:
+        """unbound's counters now (``unbound-control stats_noreset``; needs ``control=True``),
+        e.g. ``total.num.queries``: every query it has been asked since it started.
+
+        Error handling: ``RealDnsError`` if unbound-control fails or prints no counters.
+        """
+        if not self.control:
+            raise RealDnsError("statistics() needs Unbound(control=True)")
+        argv = [_require_tool("unbound-control"), "-c", str(self.config_file), "stats_noreset"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        counters = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition("=")
+            with contextlib.suppress(ValueError):
+                counters[key] = float(value)
+        if done.returncode != 0 or not counters:
+            raise RealDnsError(f"{shlex.join(argv)} exited {done.returncode}: {done.stderr}")
+        return counters
 
     def _probe(self) -> None:
         answer = dot_query(self.tls_port, self.zone.host(0), pki=self.pki, timeout=1.0)
@@ -594,10 +684,45 @@ class _Forwarder(_Server):
             raise RealDnsError(f"probe answered {dns.rcode.to_text(answer.rcode())}")
 
 
-class Stubby(_Forwarder):
+class _Peer(_Forwarder):
+    """A forwarder to the :class:`Unbound` on ``upstream_port``, set up by one config file
+    (``config_file``, written afresh with each start's port), ``extra_config`` lines last."""
+
+    config_name: ClassVar[str]
+
+    def __init__(
+        self,
+        pki: Pki,
+        upstream_port: int,
+        *,
+        extra_config: Sequence[str] = (),
+        workdir: Path | str | None = None,
+        attempts: int = 3,
+    ) -> None:
+        super().__init__(pki, workdir=workdir, attempts=attempts)
+        self.upstream_port = upstream_port
+        self.extra_config = tuple(extra_config)
+        self.config_file = self.workdir / self.config_name
+
+    def _prepare(self) -> list[str]:
+        self.port = free_port("both")
+        self.config_file.write_text(self.config_text())
+        return self._argv()
+
+    @abc.abstractmethod
+    def config_text(self) -> str:
+        """The config file for the current ``port``."""
+
+    @abc.abstractmethod
+    def _argv(self) -> list[str]:
+        """The command line that runs it with ``config_file``."""
+
+
+class Stubby(_Peer):
     """stubby forwarding over DoT only, strict authentication against the trustme CA."""
 
     name = "stubby"
+    config_name = "stubby.yml"
 
     def __init__(
         self,
@@ -609,15 +734,12 @@ class Stubby(_Forwarder):
         workdir: Path | str | None = None,
         attempts: int = 3,
     ) -> None:
-        super().__init__(pki, workdir=workdir, attempts=attempts)
-        self.upstream_port = upstream_port
-        self.extra_config = tuple(extra_config)
+        super().__init__(
+            pki, upstream_port, extra_config=extra_config, workdir=workdir, attempts=attempts
+        )
         self.log_level = log_level
-        self.config_file = self.workdir / "stubby.yml"
 
-    def _prepare(self) -> list[str]:
-        self.port = free_port("both")
-        self.config_file.write_text(self.config_text())
+    def _argv(self) -> list[str]:
         return [_require_tool("stubby"), "-C", str(self.config_file), "-v", str(self.log_level)]
 
     def config_text(self) -> str:
@@ -640,15 +762,23 @@ class Stubby(_Forwarder):
         return "\n".join(lines) + "\n"
 
 
-class Dnsdist(_Forwarder):
-    """dnsdist with one DoT backend, certificate validated, no packet cache, no console.
+class Dnsdist(_Peer):
+    """dnsdist with one DoT backend, certificate validated, no console, and no packet cache
+    unless ``packet_cache`` entries are asked for.
 
     ``--supervised`` keeps it from reading a console from stdin; it only drops privileges
     with ``-u``/``-g``, so as root it runs as is. ``setSecurityPollSuffix("")`` stops its
     security-status lookups, which would go out to the Internet.
+
+    The packet cache (``newPacketCache(N)`` on the default pool, its other settings at their
+    defaults: TTLs capped at 86400 s) keys answers by the whole query and by the transport it
+    came over, so a name asked over UDP and over TCP takes two entries; and when it holds N, it
+    stores nothing more until entries expire, rather than evicting: size it above what it is
+    meant to hold.
     """
 
     name = "dnsdist"
+    config_name = "dnsdist.conf"
 
     def __init__(
         self,
@@ -656,19 +786,18 @@ class Dnsdist(_Forwarder):
         upstream_port: int,
         *,
         server_options: Mapping[str, str] | None = None,
+        packet_cache: int = 0,
         extra_config: Sequence[str] = (),
         workdir: Path | str | None = None,
         attempts: int = 3,
     ) -> None:
-        super().__init__(pki, workdir=workdir, attempts=attempts)
-        self.upstream_port = upstream_port
+        super().__init__(
+            pki, upstream_port, extra_config=extra_config, workdir=workdir, attempts=attempts
+        )
         self.server_options = dict(server_options or {})
-        self.extra_config = tuple(extra_config)
-        self.config_file = self.workdir / "dnsdist.conf"
+        self.packet_cache = packet_cache
 
-    def _prepare(self) -> list[str]:
-        self.port = free_port("both")
-        self.config_file.write_text(self.config_text())
+    def _argv(self) -> list[str]:
         return [
             _require_tool("dnsdist"),
             "--supervised",
@@ -693,10 +822,65 @@ class Dnsdist(_Forwarder):
             f'setLocal("{LOOPBACK}:{self.port}")',
             f"newServer{{{server}}}",
             'setSecurityPollSuffix("")',
-            # No newPacketCache()/setCache(): every query goes upstream, as with the others.
+            *self._cache_lines(),
             *self.extra_config,
         ]
         return "\n".join(lines) + "\n"
+
+    def _cache_lines(self) -> list[str]:
+        if not self.packet_cache:
+            return []  # no cache: every query goes upstream, as with the other forwarders
+        return [f"pc = newPacketCache({self.packet_cache})", 'getPool(""):setCache(pc)']
+
+
+class UnboundForwarder(_Peer):
+    """unbound as a caching forwarder: plain DNS in on ``port`` (UDP and TCP), the zone
+    ``test.`` forwarded over DoT to ``upstream_port`` (an :class:`Unbound`), the certificate
+    checked against the trustme CA and ``dns.test``. What it has answered once, it answers from
+    its cache (message and RRset caches at unbound's default sizes, 4 MB each) until the TTL
+    runs out.
+    """
+
+    name = "unbound-forwarder"
+    config_name = "unbound-forwarder.conf"
+
+    def __init__(
+        self,
+        pki: Pki,
+        upstream_port: int,
+        *,
+        extra_config: Sequence[str] = (),
+        verbosity: int = 1,
+        workdir: Path | str | None = None,
+        attempts: int = 3,
+    ) -> None:
+        super().__init__(
+            pki, upstream_port, extra_config=extra_config, workdir=workdir, attempts=attempts
+        )
+        self.verbosity = verbosity
+
+    def _argv(self) -> list[str]:
+        return [_require_tool("unbound"), "-d", "-c", str(self.config_file)]
+
+    def config_text(self) -> str:
+        settings = [
+            f"interface: {LOOPBACK}@{self.port}",
+            *_unbound_common(self.workdir, self.verbosity),
+            "do-ip6: no",
+            # unbound refuses to send queries to 127.0.0.0/8 unless told it may.
+            "do-not-query-localhost: no",
+            f'tls-cert-bundle: "{self.pki.ca_file}"',
+            # test. is one of RFC 6761's names unbound answers NXDOMAIN itself by default.
+            'local-zone: "test." nodefault',
+            *self.extra_config,
+        ]
+        forward = (
+            "forward-zone:\n"
+            '    name: "test."\n'
+            f"    forward-addr: {LOOPBACK}@{self.upstream_port}#{self.pki.auth_name}\n"
+            "    forward-tls-upstream: yes\n"
+        )
+        return _unbound_config(settings, sections=[forward])
 
 
 class DotProxy(_Forwarder):
