@@ -160,7 +160,9 @@ class FakeNetwork:
     # Every answer made, whether the mode then sends it whole, cut, late or not at all.
     sent: list[bytes] = field(default_factory=list)
 
-    async def open_tls(self, spec: UpstreamSpec, _context: ssl.SSLContext) -> trio.abc.Stream:
+    async def open_tls(
+        self, spec: UpstreamSpec, _context: ssl.SSLContext, _sessions: object = None
+    ) -> trio.abc.Stream:
         """Stands in for ``dot_proxy.upstream.connection.open_tls``: same errors, no socket."""
         mode = self.modes[self.ports[spec.port]]
         await trio.lowlevel.checkpoint()

@@ -176,7 +176,7 @@ async def test_a_burst_of_answer_records_reaches_its_queries_in_a_round_or_two(
             await server.send_all(frame(answer_for(query)))  # one record each
         queries_in.set()
 
-    async def open_tls(_spec: object, _context: object) -> TLS:
+    async def open_tls(_spec: object, _context: object, _sessions: object = None) -> TLS:
         client_transport, server_transport = trio.testing.memory_stream_pair()
         corked.append(Corked(server_transport.send_stream))
         server_transport.send_stream = corked[0]  # type: ignore[assignment]

@@ -29,7 +29,7 @@ from dot_proxy.errors import (
 )
 from dot_proxy.upstream.race import Race
 from dot_proxy.upstream.socket_stream import EagerSocketStream
-from dot_proxy.upstream.tls import open_tls, quickack_hook
+from dot_proxy.upstream.tls import TLSSessions, open_tls, quickack_hook
 from dot_proxy.upstream.trio_private import buffered_plaintext, eager_sender
 from dot_proxy.upstream.writer import BatchWriter
 
@@ -76,9 +76,11 @@ class Connection:
         *,
         on_room: Callable[[], None],
         on_closed: Callable[[Connection], None],
+        sessions: TLSSessions | None = None,
     ) -> None:
         self.spec = spec
         self._ssl_context = ssl_context
+        self._sessions = sessions  # the pool's: resume the last connection's TLS session
         self._max_pipeline = config.max_pipeline
         self._connect_timeout = config.connect_timeout
         self._stall_timeout = config.stall_timeout
@@ -254,7 +256,7 @@ class Connection:
 
     async def _connect(self) -> trio.SSLStream[EagerSocketStream]:
         with trio.move_on_after(self._connect_timeout):
-            return await open_tls(self.spec, self._ssl_context)
+            return await open_tls(self.spec, self._ssl_context, self._sessions)
         raise UpstreamConnectError(
             f"{self.spec.label}: no TLS connection within {self._connect_timeout:g} s"
         )

@@ -14,17 +14,18 @@ import random
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import trio
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, PlainSpec, UpstreamSpec
 from dot_proxy.core.health import Health, Policy, order_upstreams
 from dot_proxy.core.message import Rcode
 from dot_proxy.errors import RaceLost, UpstreamError, fresh
-from dot_proxy.upstream.pool import Upstream, open_upstreams
+from dot_proxy.upstream.pool import open_upstreams
 from dot_proxy.upstream.race import Race
 
-__all__ = ["UpstreamGroup", "open_upstream_group"]
+__all__ = ["Member", "UpstreamGroup", "open_upstream_group"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,24 @@ HEDGER_RESOLUTION = 0.005
 # ". IN NS" with RD set: any DNS answer to it, even REFUSED, shows the upstream is alive.
 PROBE_QUERY = struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + b"\x00\x00\x02\x00\x01"
 PROBE_KEY = b"\x00\x00\x02\x00\x01"
+
+
+class _Named(Protocol):
+    @property
+    def label(self) -> str: ...
+
+
+class Member(Protocol):
+    """What the group needs of an upstream: a name for its logs and a way to ask it. A DoT
+    pool (:class:`~dot_proxy.upstream.pool.Upstream`) and a ``plain:`` resolver
+    (:class:`~dot_proxy.upstream.plain.PlainUpstream`) are both one."""
+
+    @property
+    def spec(self) -> _Named: ...
+
+    async def query(self, message: bytes, key: bytes, race: Race | None = None) -> bytes:
+        """The answer (any ID); raises UpstreamError, RaceLost once ``race`` is won."""
+        ...
 
 
 class _Attempts(Race):
@@ -89,7 +108,7 @@ class UpstreamGroup:
 
     def __init__(
         self,
-        upstreams: Sequence[Upstream],
+        upstreams: Sequence[Member],
         config: Config,
         nursery: trio.Nursery | None = None,
         *,
@@ -112,7 +131,7 @@ class UpstreamGroup:
         self._quiet_until: dict[int, float] = {}
 
     @property
-    def upstreams(self) -> Sequence[Upstream]:
+    def upstreams(self) -> Sequence[Member]:
         """The upstreams, in configured order."""
         return self._upstreams
 
@@ -316,9 +335,12 @@ class UpstreamGroup:
 
 
 @asynccontextmanager
-async def open_upstream_group(config: Config) -> AsyncIterator[UpstreamGroup]:
-    """Open the upstream pools and a resolver over them, with its background tasks."""
-    async with open_upstreams(config) as upstreams, trio.open_nursery() as nursery:
+async def open_upstream_group(
+    config: Config, *, specs: Sequence[UpstreamSpec | PlainSpec] | None = None
+) -> AsyncIterator[UpstreamGroup]:
+    """Open the upstream pools (``config.upstreams``, or ``specs``: a ``--forward`` zone's)
+    and a group over them, with its background tasks."""
+    async with open_upstreams(config, specs=specs) as upstreams, trio.open_nursery() as nursery:
         resolver = UpstreamGroup(upstreams, config, nursery)
         nursery.start_soon(resolver.run_hedger)
         nursery.start_soon(resolver.run_prober)

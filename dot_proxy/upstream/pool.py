@@ -14,11 +14,12 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.config import Config, PlainSpec, UpstreamSpec
 from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
 from dot_proxy.upstream.connection import Connection, race_lost
+from dot_proxy.upstream.plain import PlainUpstream
 from dot_proxy.upstream.race import Race
-from dot_proxy.upstream.tls import make_ssl_context
+from dot_proxy.upstream.tls import TLSSessions, make_ssl_context
 
 __all__ = ["Upstream", "open_upstreams"]
 
@@ -47,6 +48,9 @@ class Upstream:
         # Queries waiting for a free slot, in arrival order (a dict as an ordered set).
         self._room_waiters: dict[Race, None] = {}
         self._max_connections = config.max_connections
+        # A reconnection resumes the last connection's session (RFC 8446 §2.2): one round
+        # trip less for TLS 1.2, no certificate chain; offered to this upstream only.
+        self._sessions = TLSSessions()
 
     @property
     def connections(self) -> Sequence[Connection]:
@@ -99,6 +103,7 @@ class Upstream:
             self._config,
             on_room=self._wake_one,
             on_closed=self._forget,
+            sessions=self._sessions,
         )
         self._connections.append(connection)
         self._nursery.start_soon(connection.run)
@@ -152,18 +157,26 @@ class Upstream:
 
 
 @asynccontextmanager
-async def open_upstreams(config: Config) -> AsyncIterator[list[Upstream]]:
-    """Open a pool per configured upstream; all their connections close on exit.
+async def open_upstreams(
+    config: Config, *, specs: Sequence[UpstreamSpec | PlainSpec] | None = None
+) -> AsyncIterator[list[Upstream | PlainUpstream]]:
+    """Open a pool per upstream, ``config.upstreams`` or ``specs`` (a ``--forward`` zone's);
+    all their connections close on exit. A ``plain:`` spec gets a
+    :class:`~dot_proxy.upstream.plain.PlainUpstream` (no pool: a socket per query).
 
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
     verified = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data)
     pins_only = make_ssl_context(ca_file=config.ca_file, ca_data=config.ca_data, pins_only=True)
     async with trio.open_nursery() as nursery:
+        upstreams: list[Upstream | PlainUpstream] = []
+        for spec in config.upstreams if specs is None else specs:
+            if isinstance(spec, PlainSpec):
+                upstreams.append(PlainUpstream(spec, nursery))
+            else:
+                context = verified if spec.check_name else pins_only
+                upstreams.append(Upstream(spec, context, config, nursery))
         try:
-            yield [
-                Upstream(spec, verified if spec.check_name else pins_only, config, nursery)
-                for spec in config.upstreams
-            ]
+            yield upstreams
         finally:
             nursery.cancel_scope.cancel()
