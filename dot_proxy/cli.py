@@ -39,6 +39,7 @@ from dot_proxy.config import (
 from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
 from dot_proxy.healthcheck import run_healthcheck
+from dot_proxy.resolver import Resolver, open_resolver
 from dot_proxy.serve.activation import adopt_sockets, take_listen_fds
 from dot_proxy.serve.notify import Notifier
 from dot_proxy.serve.server import serve
@@ -529,8 +530,23 @@ async def _serve(
     *,
     task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve(config, sockets=sockets, stop=stop, task_status=task_status)
-    done.cancel()  # served and stopped: the signal receiver and parent watch end too
+    async with open_resolver(config) as resolver, trio.open_nursery() as reloads:
+        reloads.start_soon(_reload_on_signal, config, resolver)
+        await serve(config, sockets=sockets, stop=stop, resolver=resolver, task_status=task_status)
+        reloads.cancel_scope.cancel()
+    done.cancel()  # served and stopped: the signal receivers and parent watch end too
+
+
+async def _reload_on_signal(config: Config, resolver: Resolver) -> None:
+    # SIGHUP re-reads what may change while serving (as unbound's and dnsmasq's do); it never
+    # stops the proxy. Today that is the hosts file, which is also re-read when it changes.
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if config.hosts_file is None:
+                log.info("received SIGHUP: nothing to re-read")
+                continue
+            log.info("received SIGHUP: re-reading the hosts file")
+            await resolver.routes.reload_hosts()
 
 
 async def _stop_on_signal(stop: trio.Event) -> None:

@@ -97,6 +97,11 @@ class PlainSpec:
         """How logs and errors name this upstream."""
         return PLAIN_PREFIX + _host_port(self.host, self.port)
 
+    @property
+    def description(self) -> str:
+        """As :attr:`UpstreamSpec.description`: the label (there is nothing to authenticate)."""
+        return self.label
+
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -3,7 +3,8 @@
 One Python process tops out at one core. With ``--workers N`` the sockets are bound N times
 with SO_REUSEPORT (see ``serve.sockets.bind_worker_sockets``) and each set is served by a
 forked process running the whole proxy: its own trio loop, upstream pool, health and hedging.
-The parent only supervises: it forwards SIGTERM/SIGINT to the workers and waits for them.
+The parent only supervises: it forwards SIGTERM/SIGINT (and SIGHUP) to the workers and waits
+for them.
 Workers share nothing, so there is nothing to lock, and one that dies takes no other down.
 
 A worker that exits while the proxy is not stopping has crashed: the parent logs it and forks
@@ -40,6 +41,8 @@ PARENT_CHECK_INTERVAL = 1.0
 # How often the parent looks for a worker's exit while a restart is due.
 _POLL_INTERVAL = 0.05
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Passed on to every worker: SIGHUP re-reads what may change while serving (cli.py).
+_FORWARDED_SIGNALS = {signal.SIGHUP}
 
 ServeOne = Callable[[list[socket.socket], int], None]
 
@@ -82,6 +85,7 @@ def run_workers(
     """
     supervisor = _Supervisor(socket_sets, serve_one, policy or CrashPolicy())
     previous = {sig: signal.signal(sig, supervisor.stop_all) for sig in _STOP_SIGNALS}
+    previous.update({sig: signal.signal(sig, supervisor.forward) for sig in _FORWARDED_SIGNALS})
     try:
         return supervisor.run()
     except BaseException:
@@ -118,6 +122,11 @@ class _Supervisor:
         for pid in self.workers:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+    def forward(self, signum: int, _frame: FrameType | None = None) -> None:
+        for pid in self.workers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def run(self) -> int:
         for number in range(len(self.socket_sets)):
@@ -210,6 +219,8 @@ def _be_worker(
     try:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)  # trio installs its own while serving
+        for sig in _FORWARDED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # until the worker's own receiver takes it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         for sockets in socket_sets:
             if sockets is not mine:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,27 @@ def test_hosts_file_from_flag_or_environment(tmp_path: Path) -> None:
     assert [problem.line for problem in problems] == [2]
 
 
+def test_the_hosts_file_is_read_at_start_into_the_config(tmp_path: Path) -> None:
+    # Read while the process may still read it (before --user), as the CA file is; its
+    # problems wait in the config for the start-up log.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.168.1.10 printer.lan\nnonsense line\n")
+    config = build_config(["--hosts", str(hosts)], {})
+    assert config.hosts_table is not None
+    assert name_to_wire("printer.lan") in config.hosts_table.names
+    assert [problem.line for problem in config.hosts_problems] == [2]
+    assert build_config([], {}).hosts_table is None
+
+
+def test_errors_name_the_variable_a_value_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^DOT_PROXY_HOSTS: .* does not exist"):
+        build_config([], {"DOT_PROXY_HOSTS": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match=r"^DOT_PROXY_FORWARD: 'lan=plain:router'"):
+        build_config([], {"DOT_PROXY_FORWARD": "lan=plain:router"})
+    with pytest.raises(ConfigError, match=r"^DOT_PROXY_FORWARD: .*'nope' is not an IP address"):
+        build_config([], {"DOT_PROXY_FORWARD": "corp=nope#dns.corp"})
+
+
 def test_hosts_file_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--hosts: .* does not exist"):
         build_config(["--hosts", str(tmp_path / "missing")], {})
@@ -180,3 +202,14 @@ def test_bad_values_exit_2_with_one_line(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert needle in lines[0]
+
+
+def test_every_forward_in_the_readme_parses() -> None:
+    # What users paste: the home-router and VPN examples must be accepted as written.
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    values = re.findall(r"--forward ([^\s`\\]+)", readme)
+    assert "home.arpa=plain:192.168.1.1" in values
+    assert "corp.example=10.8.0.1:853#dns.corp.example" in values
+    for value in values:
+        if "=" in value and "SPEC" not in value and "..." not in value:  # not placeholders
+            build_config(["--forward", value], {})

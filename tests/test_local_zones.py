@@ -321,3 +321,23 @@ def test_every_name_gets_exactly_one_route(label: str) -> None:
         elif suffix == ".lan" and name.lower() != "printer.lan.":
             assert isinstance(route, Forward)
             assert route.target == "lan"
+
+
+@given(
+    st.lists(st.from_regex(r"[a-z0-9]{1,4}(\.[a-z0-9]{1,4}){0,2}", fullmatch=True), max_size=4),
+    st.from_regex(r"[a-z0-9]{1,4}(\.[a-z0-9]{1,4}){0,3}", fullmatch=True),
+)
+def test_the_quick_turn_away_never_changes_a_route(zones: list[str], name: str) -> None:
+    # Router.route turns a name under none of the tables' top-level domains away with one
+    # endswith; a router without that shortcut must route every name the same.
+    routes = router(hosts=HOSTS, forwards={zone: zone for zone in zones})
+    slow = router(hosts=HOSTS, forwards={zone: zone for zone in zones})
+    slow._reject = None
+    for rdtype in ("A", "PTR"):
+        assert routes.route(key(name + ".", rdtype)) == slow.route(key(name + ".", rdtype))
+
+
+def test_a_router_with_no_zone_and_no_host_sends_everything_to_the_default() -> None:
+    routes = router(local_zones=False)
+    assert target(routes.route(key("localhost."))) == "default"
+    assert target(routes.route(key("1.1.168.192.in-addr.arpa.", "PTR"))) == "default"

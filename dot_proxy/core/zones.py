@@ -20,6 +20,7 @@ __all__ = [
     "ancestors",
     "name_from_wire",
     "name_to_wire",
+    "top_level",
 ]
 
 T = TypeVar("T")
@@ -77,6 +78,17 @@ def ancestors(wire: bytes) -> Iterator[bytes]:
     while offset < len(wire) and wire[offset]:
         offset += wire[offset] + 1
         yield wire[offset:]
+
+
+def top_level(wire: bytes) -> bytes:
+    """The name's top-level domain (``\\x03com\\x00`` for ``www.example.com.``); the root for
+    the root."""
+    tld = wire
+    for ancestor in ancestors(wire):
+        if ancestor == ROOT:
+            break
+        tld = ancestor
+    return tld
 
 
 class ZoneTable(Generic[T]):
