@@ -1,59 +1,48 @@
-"""Command line: flags, ``DOT_PROXY_*`` environment and defaults → one Config → serve.
+"""Command line: flags, ``DOT_PROXY_*`` environment, a config file and defaults → one Config.
 
-Precedence is flag, then environment variable, then default. A value that cannot be used ends
-the program with one line on stderr naming the setting as the user gave it (the flag, or the
-variable when the value came from the environment), and exit status 2.
+Precedence is flag, then environment variable, then the ``--config`` file, then default; a
+list given by a flag or variable replaces the file's. A value that cannot be used ends the
+program with one line on stderr naming the setting as the user gave it (the flag, the
+variable, or ``FILE: key``), and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import gc
 import logging
 import os
 import pwd
-import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from types import MappingProxyType
-from typing import NoReturn, Protocol, TypeVar
+from typing import NoReturn
 
 import trio
 
 from dot_proxy import __version__
 from dot_proxy.check import make_test_query, run_check
 from dot_proxy.config import (
-    DEFAULT_UPSTREAMS,
     Config,
-    flag,
-    parse_allow,
-    parse_forward,
-    parse_listen_address,
-    parse_upstream,
-    read_hosts,
 )
-from dot_proxy.cpus import usable_cores
+from dot_proxy.config_file import ConfigFile
 from dot_proxy.errors import ConfigError
 from dot_proxy.healthcheck import run_healthcheck
-from dot_proxy.resolver import Resolver, open_resolver
+from dot_proxy.logs import configure_logging
+from dot_proxy.runner import Launch, run
 from dot_proxy.serve.activation import adopt_sockets, take_listen_fds
-from dot_proxy.serve.notify import Notifier
-from dot_proxy.serve.server import serve
+from dot_proxy.serve.ops_http import bind_ops_socket
 from dot_proxy.serve.sockets import bind_worker_sockets
-from dot_proxy.upstream.tls import make_ssl_context
-from dot_proxy.workers import run_workers, watch_parent
+from dot_proxy.settings import Environment, Flags, Lookup, Source, settings
 
 __all__ = ["build_config", "main"]
 
 log = logging.getLogger("dot_proxy")
 
 EXIT_USAGE = 2
-ENV_PREFIX = "DOT_PROXY_"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The cyclic collector's thresholds (set in main, with gc.freeze). A burst of queries in flight
 # holds a few thousand tracked objects (tasks, coroutines, cancel scopes) that reference counting
 # frees moments later; at CPython's 700 every burst set off a young pass over them all. At
@@ -69,7 +58,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # exception is stored and raised through errors.fresh (a copy without traceback), and
 # tests/test_no_cycles.py checks that answering and failing queries leave no cycle of ours.
 GC_THRESHOLDS = (10_000, 2, 2)
-T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--version", action="version", version=f"dot-proxy {__version__}")
     add(
+        "--config",
+        metavar="FILE",
+        help="read settings from this TOML file (keys: the long flag names); flags and "
+        "DOT_PROXY_* variables win over it; SIGHUP re-reads it. `dot-proxy check-config "
+        "FILE` checks one",
+    )
+    add(
         "--listen",
         action="append",
         metavar="ADDR",
@@ -110,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--ca-file", metavar="PEM", help=CA_FILE_HELP)
     add("--timeout", metavar="SECONDS", help=TIMEOUT_HELP)
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    add("--log-format", metavar="FORMAT", help="text or json, one object a line (default: text)")
+    add(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve HTTP on ADDR:PORT: /metrics (Prometheus), /healthz, /readyz "
+        "(default: off; e.g. 127.0.0.1:9153)",
+    )
     add(
         "--tcp-idle-timeout",
         metavar="SECONDS",
@@ -212,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "--hosts",
         metavar="FILE",
-        help="answer the names and addresses of this /etc/hosts-format file here",
+        help="answer the names and addresses of this /etc/hosts-format file here; re-read "
+        "when it changes and on SIGHUP",
     )
     add(
         "--no-local-zones",
@@ -258,197 +261,41 @@ def _check_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Turn arguments and environment into a validated :class:`Config`.
+def build_config(
+    argv: Sequence[str], environ: Mapping[str, str], *, read_ca: bool = True
+) -> Config:
+    """Turn arguments, environment and the ``--config`` file into a validated :class:`Config`.
 
-    Error handling: raises :class:`ConfigError` naming the flag, or the environment variable
-    when the value came from one, for any unusable value.
+    ``read_ca=False`` leaves ``ca_data`` unset rather than read the CA file (a reload, which
+    keeps the one read at the start). Error handling: raises :class:`ConfigError` naming the
+    flag, the environment variable or ``FILE: key`` the bad value came from. Every key of the
+    file is checked, including those a flag or variable overrides.
     """
-    return _config_from(_parser().parse_args(argv), environ)
+    return _config_from(_parser().parse_args(argv), environ, read_ca=read_ca)
 
 
-def _config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    value = _Lookup([_Flags(args), _Environment(environ)], known=vars(args))
-    ca_file = value.one("ca-file", str, None)
-    ca_data = None if ca_file is None else _read_ca_file(ca_file, value.where("ca-file"))
-    hosts_file = value.one("hosts", str, None)
-    # Read now, as the CA file is (before --user): unreadable exits 2 here; its bad lines
-    # are logged when serving starts.
-    hosts_table, hosts_problems = (
-        (None, []) if hosts_file is None else read_hosts(hosts_file, where=value.where("hosts"))
-    )
-    log_level = value.one("log-level", str.upper, "INFO")
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(
-            f"{value.where('log-level')}: {log_level!r} is not one of {', '.join(LOG_LEVELS)}"
-        )
-    defaults = Config(upstreams=(parse_upstream(DEFAULT_UPSTREAMS[0]),))
-    upstreams = value.many("upstream", list(DEFAULT_UPSTREAMS))
-    listen = value.many("listen", list(defaults.listen))
-    allow = value.many("allow", list(defaults.allow))
-    forwards = value.many("forward", [])
-    return Config(
-        upstreams=tuple(parse_upstream(text, where=value.where("upstream")) for text in upstreams),
-        listen=tuple(parse_listen_address(text, where=value.where("listen")) for text in listen),
-        port=value.one("port", int, defaults.port),
-        ca_file=ca_file,
-        ca_data=ca_data,
-        timeout=value.one("timeout", float, defaults.timeout),
-        log_level=log_level,
-        tcp_idle_timeout=value.one("tcp-idle-timeout", float, defaults.tcp_idle_timeout),
-        padding=not value.one("no-padding", _boolean, False),
-        allow=tuple(parse_allow(text, where=value.where("allow")) for text in allow),
-        max_tcp_clients=value.one("max-tcp-clients", int, defaults.max_tcp_clients),
-        ratelimit=value.one("ratelimit", float, defaults.ratelimit),
-        user=value.one("user", str, defaults.user),
-        max_connections=value.one("max-connections", int, defaults.max_connections),
-        max_pipeline=value.one("max-pipeline", int, defaults.max_pipeline),
-        upstream_idle_timeout=value.one(
-            "upstream-idle-timeout", float, defaults.upstream_idle_timeout
-        ),
-        max_in_flight=value.one("max-in-flight", int, defaults.max_in_flight),
-        upstream_policy=value.one("upstream-policy", str.lower, defaults.upstream_policy),
-        hedge_after=value.one("hedge-after", _hedge_after, defaults.hedge_after),
-        workers=value.one("workers", _workers, defaults.workers),
-        cache_size=value.one("cache-size", int, defaults.cache_size),
-        cache_min_ttl=value.one("cache-min-ttl", int, defaults.cache_min_ttl),
-        cache_max_ttl=value.one("cache-max-ttl", int, defaults.cache_max_ttl),
-        serve_stale=value.one("serve-stale", float, defaults.serve_stale),
-        forward=tuple(parse_forward(text, where=value.where("forward")) for text in forwards),
-        hosts_file=hosts_file,
-        hosts_table=hosts_table,
-        hosts_problems=tuple(hosts_problems),
-        local_zones=not value.one("no-local-zones", _boolean, False),
-        keep_ecs=value.one("keep-ecs", _boolean, False),
-        origins=MappingProxyType(value.origins),
-    )
+def check_config_file(path: str) -> Config:
+    """The configuration ``path`` gives on its own (defaults for the rest), checked whole.
+
+    Error handling: raises :class:`ConfigError` naming ``FILE: key``.
+    """
+    return settings(Lookup([ConfigFile.load(path)], known=vars(_parser().parse_args([]))))
 
 
-class _Source(Protocol):
-    """Where settings come from: flags, the environment (and, next, a config file)."""
-
-    def get(self, option: str) -> tuple[str, object] | None:
-        """``(name, raw value)`` for ``option`` ("hedge-after") if this source sets it.
-
-        ``name`` is how errors name the setting ("--hedge-after", "DOT_PROXY_HEDGE_AFTER",
-        "FILE: hedge-after"); the raw value is text, a list of texts for a repeatable flag,
-        or a typed value (a config file's number or boolean).
-        """
-
-
-class _Flags:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self._args = args
-
-    def get(self, option: str) -> tuple[str, object] | None:
-        given = getattr(self._args, option.replace("-", "_"), None)
-        return None if given is None else (flag(option), given)
-
-
-class _Environment:
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def get(self, option: str) -> tuple[str, object] | None:
-        variable = ENV_PREFIX + option.replace("-", "_").upper()
-        text = self._environ.get(variable, "").strip()
-        return (variable, text) if text else None  # blank counts as unset
-
-
-class _Lookup:
-    """Each setting from the first source that has it, else its default; converted, with
-    errors naming the setting as that source does. Remembers where each value came from."""
-
-    def __init__(self, sources: Sequence[_Source], *, known: Mapping[str, object]) -> None:
-        self._sources = sources
-        self._known = known  # the command's own options: `check` reads only its few
-        self.origins: dict[str, str] = {}
-
-    def where(self, option: str) -> str:
-        """How errors name ``option``: the source its value came from, else its flag."""
-        return self.origins.get(option, flag(option))
-
-    def _raw(self, option: str) -> object | None:
-        if option.replace("-", "_") not in self._known:
-            return None
-        for source in self._sources:
-            found = source.get(option)
-            if found is not None:
-                self.origins[option], raw = found
-                return raw
-        return None
-
-    def one(self, option: str, convert: Callable[[str], T], default: T) -> T:
-        raw = self._raw(option)
-        if raw is None:
-            return default
-        text = raw if isinstance(raw, str) else str(raw)
-        try:
-            return convert(text)
-        except ValueError:
-            raise ConfigError(f"{self.where(option)}: {text!r} is not a valid value") from None
-
-    def many(self, option: str, default: list[str]) -> list[str]:
-        raw = self._raw(option)
-        if raw is None:
-            return default
-        if isinstance(raw, str):
-            return [item for item in (part.strip() for part in raw.split(",")) if item]
-        assert isinstance(raw, list)
-        return [str(item) for item in raw]
-
-
-def _workers(text: str) -> int:
-    if text.strip().lower() == "auto":
-        # The cores this process may use: its CPU set, within a container's CPU quota.
-        return usable_cores()
-    return int(text)
-
-
-def _hedge_after(text: str) -> float | None:
-    lowered = text.strip().lower()
-    if lowered == "auto":
-        return None
-    if lowered == "off":
-        return 0.0
-    return float(lowered)
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(text)
-
-
-def _read_ca_file(path: str, where: str) -> str:
-    """The CA file's text, read now: before --user drops privileges, as servers read keys."""
-    try:
-        with open(path, encoding="ascii") as file:
-            text = file.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: {path!r} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: {path!r} is not PEM text") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path!r}: {exc.strerror or exc}") from None
-    try:
-        make_ssl_context(ca_file=path, ca_data=text)
-    except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"{where}: {path!r} holds no usable CA certificate ({exc})") from None
-    return text
-
-
-def _configure_logging(level: str, *, workers: int = 1) -> None:
-    # With several workers, each line says which process wrote it.
-    process = " [%(process)d]" if workers > 1 else ""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _config_from(
+    args: argparse.Namespace, environ: Mapping[str, str], *, read_ca: bool = True
+) -> Config:
+    sources: list[Source] = [Flags(args), Environment(environ)]
+    where = Lookup(sources, known=vars(args))
+    path = where.one("config", str, None)
+    if path is None:
+        return settings(Lookup(sources, known=vars(args)), read_ca=read_ca)
+    file = ConfigFile.load(path, where=where.where("config"))
+    # The file must be right on its own: a bad key stops the start even where a flag or a
+    # variable overrides it, rather than waiting for the day that flag is dropped.
+    settings(Lookup([file], known=vars(args)), read_ca=False)
+    config = settings(Lookup([*sources, file], known=vars(args)), read_ca=read_ca)
+    return dataclasses.replace(config, config_file=path)
 
 
 def _drop_privileges(user: str, where: str = "--user") -> None:
@@ -488,6 +335,24 @@ def _check(argv: list[str]) -> NoReturn:
     sys.exit(trio.run(partial(run_check, config, query=query)))
 
 
+def _check_config(argv: list[str]) -> NoReturn:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(
+            "usage: dot-proxy check-config FILE  (checks a --config file: exit 0 if every "
+            "key is known and every value good, 2 with one line naming the first that is not)",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USAGE)
+    try:
+        config = check_config_file(argv[0])
+    except ConfigError as exc:
+        print(f"dot-proxy check-config: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    given = len(ConfigFile.load(argv[0]).values)
+    print(f"{argv[0]}: ok ({given} settings; {len(config.upstreams)} upstream(s))")
+    sys.exit(0)
+
+
 def _healthcheck(argv: list[str]) -> NoReturn:
     # The server's own flags and variables: it asks the proxy they describe.
     try:
@@ -502,67 +367,21 @@ def _healthcheck(argv: list[str]) -> NoReturn:
 SUBCOMMANDS: dict[str, Callable[[list[str]], NoReturn]] = {
     "check": _check,
     "healthcheck": _healthcheck,
+    "check-config": _check_config,
 }
 
 
-async def _run(config: Config, sockets: list[socket.socket], parent: int | None = None) -> None:
-    # The service manager hears from the process it started, not from workers (parent set).
-    notifier = Notifier.from_environ(os.environ) if parent is None else None
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, stop)
-        if parent is not None:
-            nursery.start_soon(watch_parent, parent, stop)
-        bound = await nursery.start(_serve, config, sockets, stop, nursery.cancel_scope)
-        if notifier is not None and notifier.enabled:
-            # Type=notify: systemd counts the service started only now, once it answers.
-            where = (f"{kind} [{a}]:{p}" if ":" in a else f"{kind} {a}:{p}" for kind, a, p in bound)
-            notifier.ready("serving on " + ", ".join(where))
-            await stop.wait()
-            notifier.stopping()
+def _rebuild(args: Sequence[str], environ: Mapping[str, str]) -> Callable[[Config], Config]:
+    """Build the configuration again as at the start, the config file re-read (a reload)."""
 
+    def rebuild(old: Config) -> Config:
+        new = build_config(args, environ, read_ca=False)
+        if new.ca_file == old.ca_file:
+            # Read at the start, perhaps as root: a reload keeps that reading.
+            new = dataclasses.replace(new, ca_data=old.ca_data)
+        return new
 
-async def _serve(
-    config: Config,
-    sockets: list[socket.socket],
-    stop: trio.Event,
-    done: trio.CancelScope,
-    *,
-    task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    async with open_resolver(config) as resolver, trio.open_nursery() as reloads:
-        reloads.start_soon(_reload_on_signal, config, resolver)
-        await serve(config, sockets=sockets, stop=stop, resolver=resolver, task_status=task_status)
-        reloads.cancel_scope.cancel()
-    done.cancel()  # served and stopped: the signal receivers and parent watch end too
-
-
-async def _reload_on_signal(config: Config, resolver: Resolver) -> None:
-    # SIGHUP re-reads what may change while serving (as unbound's and dnsmasq's do); it never
-    # stops the proxy. Today that is the hosts file, which is also re-read when it changes.
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            if config.hosts_file is None:
-                log.info("received SIGHUP: nothing to re-read")
-                continue
-            log.info("received SIGHUP: re-reading the hosts file")
-            await resolver.routes.reload_hosts()
-
-
-async def _stop_on_signal(stop: trio.Event) -> None:
-    # Signals keep being taken until serving ends: a worker gets Ctrl-C from the terminal and
-    # SIGTERM from its supervisor, and the second must not kill it mid-way through stopping.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            stop.set()
-
-
-def _serve_worker(config: Config) -> Callable[[list[socket.socket], int], None]:
-    def serve_one(sockets: list[socket.socket], parent: int) -> None:
-        trio.run(_run, config, sockets, parent)
-
-    return serve_one
+    return rebuild
 
 
 def _listening_sockets(config: Config) -> list[list[socket.socket]]:
@@ -581,7 +400,8 @@ def _listening_sockets(config: Config) -> list[list[socket.socket]]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the proxy until SIGINT or SIGTERM; exit 2 with one line for a bad setting.
 
-    ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work.
+    ``dot-proxy check [flags]`` instead checks each upstream once and exits 0 if all work;
+    ``dot-proxy check-config FILE`` checks a config file without starting;
     ``dot-proxy healthcheck [flags]`` asks the proxy those flags describe whether it serves.
     Started by a systemd socket unit, it serves the sockets passed (``LISTEN_FDS``) and
     tells systemd when it is ready (``NOTIFY_SOCKET``).
@@ -589,10 +409,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] and args[0] in SUBCOMMANDS:
         SUBCOMMANDS[args[0]](args[1:])
+    environ = dict(os.environ)
     try:
-        config = build_config(args, os.environ)
-        _configure_logging(config.log_level, workers=config.workers)
+        config = build_config(args, environ)
+        configure_logging(config.log_level, config.log_format, workers=config.workers)
         socket_sets = _listening_sockets(config)
+        ops_socket = None
+        if config.metrics is not None:
+            ops_socket = bind_ops_socket(config.metrics, config.name_of("metrics"))
         if config.user is not None:
             _drop_privileges(config.user, config.name_of("user"))
     except ConfigError as exc:
@@ -604,13 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Before forking, it also keeps the workers' pages shared.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    if len(socket_sets) == 1:
-        trio.run(_run, config, socket_sets[0])
-        log.info("stopped")
-        return
-    # The sockets are bound and listening: what arrives before the workers run waits in
-    # the kernel's queues. The workers themselves do not notify (NotifyAccess=main).
-    Notifier.from_environ(os.environ).ready(f"{config.workers} workers serving")
-    status = run_workers(socket_sets, _serve_worker(config))
+    status = run(Launch(config, _rebuild(args, environ), ops_socket), socket_sets)
     log.info("stopped")
-    sys.exit(status)
+    if status:
+        sys.exit(status)

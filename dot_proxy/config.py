@@ -34,6 +34,7 @@ __all__ = [
     "parse_allow",
     "parse_forward",
     "parse_listen_address",
+    "parse_metrics_address",
     "parse_upstream",
     "read_hosts",
 ]
@@ -42,6 +43,7 @@ DOT_PORT = 853
 DNS_PORT = 53
 PLAIN_PREFIX = "plain:"
 UPSTREAM_POLICIES = ("failover", "round-robin", "fastest")
+LOG_FORMATS = ("text", "json")
 DEFAULT_UPSTREAMS = ("1.1.1.1:853#cloudflare-dns.com", "1.0.0.1:853#cloudflare-dns.com")
 # RFC 1123 §2.1 host names; a trailing dot is allowed and dropped.
 _HOSTNAME = re.compile(
@@ -171,6 +173,11 @@ class Config:
     cache_min_ttl: int = 0
     cache_max_ttl: int = 86400
     serve_stale: float = 86400.0
+    # The operations endpoint (/metrics, /healthz, /readyz): (address, port), or None (off).
+    metrics: tuple[str, int] | None = None
+    log_format: str = "text"
+    # The TOML file the settings were read from (--config), re-read on SIGHUP.
+    config_file: str | None = None
     # Split DNS: zones sent elsewhere than the default upstreams, a hosts file answered here,
     # the built-in local zones (RFC 6761, RFC 6303, RFC 8375), and whether a client's EDNS
     # Client Subnet option goes upstream (RFC 7871 §11.1: off by default).
@@ -228,6 +235,10 @@ class Config:
             raise ConfigError(
                 f"{name('upstream-policy')}: {self.upstream_policy!r} is not one of "
                 + ", ".join(UPSTREAM_POLICIES)
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"{name('log-format')}: {self.log_format!r} is not one of " + ", ".join(LOG_FORMATS)
             )
         self._check_hedge_after()
         self._check_forward()
@@ -290,6 +301,19 @@ def parse_listen_address(text: str, *, where: str = "--listen") -> str:
         return str(ipaddress.ip_address(address))
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def parse_metrics_address(text: str, *, where: str = "--metrics") -> tuple[str, int]:
+    """Parse ``ADDR:PORT`` (``[ADDR]:PORT`` for IPv6) for the operations endpoint.
+
+    The address is an IP address, as for ``--listen``; port 0 lets the kernel choose.
+    """
+    address, colon, port = text.strip().rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: {text!r} is not ADDR:PORT (e.g. 127.0.0.1:9153, [::1]:9153)")
+    if ":" in address and not (address.startswith("[") and address.endswith("]")):
+        raise ConfigError(f"{where}: write IPv6 as [ADDRESS]:PORT")
+    return parse_listen_address(address, where=where), int(port)
 
 
 def parse_allow(text: str, *, where: str = "--allow") -> str:

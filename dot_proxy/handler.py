@@ -13,7 +13,7 @@ to its UDP size.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -21,6 +21,7 @@ from dot_proxy.config import Config
 from dot_proxy.core.local_answer import local_answer
 from dot_proxy.core.local_zones import Local
 from dot_proxy.core.message import Query, Rcode, error_reply, parse_query
+from dot_proxy.core.metrics import Histogram
 from dot_proxy.errors import UpstreamError, WireError
 from dot_proxy.resolver import Resolver
 from dot_proxy.routing import Target
@@ -35,8 +36,14 @@ Pending = tuple[Query, Target]
 
 @dataclass(slots=True)
 class ServerStats:
-    """Counters of what the server did not pass on (read them; the server only adds)."""
+    """What the server counts as it goes (read them; the server only adds): messages read,
+    responses sent by RCODE, the time clients waited, and what it did not pass on."""
 
+    queries_udp: int = 0
+    queries_tcp: int = 0
+    # Indexed by the header's 4-bit RCODE (RFC 1035 §4.1.1), counted as each answer is sent.
+    rcodes: list[int] = field(default_factory=lambda: [0] * 16)
+    query_duration: Histogram = field(default_factory=Histogram)
     malformed: int = 0
     refused: int = 0  # sources outside the access list
     ratelimited: int = 0
@@ -55,6 +62,10 @@ class QueryHandler:
         self._routes = resolver.routes
         self._timeout = config.timeout
         self._stats = stats
+
+    def reconfigure(self, config: Config) -> None:
+        """Give queries from now on ``config``'s deadline (a reload)."""
+        self._timeout = config.timeout
 
     def answer_at_once(self, data: bytes, now: float, *, udp: bool) -> bytes | Pending | None:
         """What can be answered without waiting, or the parsed query to answer in a task.

@@ -32,18 +32,17 @@ from typing import Final
 
 import trio
 
-from dot_proxy.config import Config, read_hosts
+from dot_proxy.config import Config
 from dot_proxy.core.cache import AnswerCache, CachedAnswer, cache_key
 from dot_proxy.core.ecs import strip_ecs
 from dot_proxy.core.edns import pad_query, strip_padding
-from dot_proxy.core.hosts import HostsTable
 from dot_proxy.core.local_zones import Forward
 from dot_proxy.core.message import HEADER_SIZE, Query, Rcode, truncate_for_udp
 from dot_proxy.errors import UpstreamError, fresh
-from dot_proxy.routing import Routes, Target, hosts_counts, log_hosts, open_targets
+from dot_proxy.routing import Routes, Target, open_targets, start_routes
 from dot_proxy.upstream.group import UpstreamGroup
 
-__all__ = ["Resolver", "open_resolver"]
+__all__ = ["Resolver", "cache_for", "open_resolver"]
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +116,29 @@ class Resolver:
         *,
         routes: Routes | None = None,
     ) -> None:
+        self._nursery = nursery
+        self._flights: dict[bytes, _Flight] = {}
+        self._refreshes = 0
+        self.routes = routes or Routes(config, Target(group), cache=cache, hosts=config.hosts_table)
+        self.reconfigure(config, group, cache)
+
+    def reconfigure(self, config: Config, group: UpstreamGroup, cache: AnswerCache | None) -> None:
+        """Answer from now on with ``config``'s settings, ``group`` and ``cache`` (a reload);
+        queries already under way finish with what they started with."""
         self.group = group
         self.cache = cache
-        if routes is None:
-            default = Target(group, config.padding)
-            routes = Routes(config, default, cache=cache, hosts=config.hosts_table)
-        self.routes = routes
-        self._nursery = nursery
+        # Names outside every --forward zone go to the new group (the router holds the target,
+        # not the group); newly listed hosts names are dropped from the cache in use.
+        self.routes.default.group = group
+        self.routes.cache = cache
+        self._padding = config.padding
         # RFC 7871 §11.1: a client's subnet is removed on the way out unless --keep-ecs.
         self._strip_ecs = not config.keep_ecs
         self._timeout = config.timeout
         # RFC 8767's timer, or less when --timeout is shorter, so that the stale answer still
         # goes out within the query's own deadline.
         self._stale_after = min(CLIENT_RESPONSE_TIMER, config.timeout * 0.9)
-        self._flights: dict[bytes, _Flight] = {}
-        self._refreshes = 0
+        # Remembered answers point into the cache they came from: none outlive a change of it.
         self._repeats: tuple[dict[bytes, _Repeat], dict[bytes, _Repeat]] = ({}, {})  # TCP, UDP
 
     # --- the fast path: where the query is read ------------------------------------------
@@ -324,8 +331,8 @@ class Resolver:
     async def _ask_upstreams(self, data: bytes, query: Query, target: Target) -> bytes:
         if self._strip_ecs:
             data = strip_ecs(data)
-        if target.padding:
-            # RFC 8467 §4.1: padded on the encrypted hop.
+        if self._padding and target.encrypted:
+            # RFC 8467 §4.1: padded on the encrypted hop (never to a plain: resolver).
             data = pad_query(data, question_end=HEADER_SIZE + len(query.question))[0]
         answer = await target.group.resolve(data, query.question_key)
         # RFC 7871 §7.2.1: an answer's ECS option is about the query that carried one (ours,
@@ -367,33 +374,22 @@ async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
     read now and cannot be. Resource handling: the background refreshes' nursery (and the
     hosts file's watch) is cancelled on exit, before the upstreams close.
     """
-    cache = (
-        AnswerCache(
-            size=config.cache_size,
-            min_ttl=config.cache_min_ttl,
-            max_ttl=config.cache_max_ttl,
-            serve_stale=config.serve_stale,
-        )
-        if config.cache_size
-        else None
-    )
+    cache = cache_for(config)
     async with open_targets(config) as (default, forwards), trio.open_nursery() as nursery:
-        hosts = None if config.hosts_file is None else await _first_hosts(config.hosts_file, config)
-        routes = Routes(config, default, forwards, cache=cache, hosts=hosts)
-        if hosts is not None:
-            nursery.start_soon(routes.watch_hosts)
+        routes = await start_routes(config, default, forwards, cache=cache, nursery=nursery)
         try:
             yield Resolver(default.group, config, nursery, cache, routes=routes)
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def _first_hosts(path: str, config: Config) -> HostsTable:
-    """The hosts file as ``config`` holds it (read at start), or read now; logged."""
-    if config.hosts_table is not None:
-        hosts, problems = config.hosts_table, list(config.hosts_problems)
-    else:
-        read = partial(read_hosts, path, where=config.name_of("hosts"))
-        hosts, problems = await trio.to_thread.run_sync(read)
-    log_hosts(path, hosts_counts(hosts), problems)
-    return hosts
+def cache_for(config: Config) -> AnswerCache | None:
+    """The answer cache ``config`` asks for, or None when ``--cache-size`` is 0."""
+    if not config.cache_size:
+        return None
+    return AnswerCache(
+        size=config.cache_size,
+        min_ttl=config.cache_min_ttl,
+        max_ttl=config.cache_max_ttl,
+        serve_stale=config.serve_stale,
+    )

@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Final, NamedTuple, NoReturn
 
 import trio
@@ -32,7 +33,15 @@ from dot_proxy.core.local_zones import Forward, Local, Router
 from dot_proxy.errors import ConfigError
 from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
 
-__all__ = ["HOSTS_POLL_INTERVAL", "Routes", "Target", "hosts_counts", "log_hosts", "open_targets"]
+__all__ = [
+    "HOSTS_POLL_INTERVAL",
+    "Routes",
+    "Target",
+    "hosts_counts",
+    "log_hosts",
+    "open_targets",
+    "start_routes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +55,16 @@ MAX_PROBLEMS_LOGGED: Final = 20
 _Signature = tuple[int, int, int, int]
 
 
-class Target(NamedTuple):
-    """Where a forwarded query goes: an upstream group, and whether the query is padded on the
-    way (RFC 8467: on the encrypted hop only, and not at all with ``--no-padding``)."""
+class Target:
+    """Where a forwarded query goes: an upstream group (replaced in place when a reload opens a
+    new one, so the router need not be rebuilt), and whether the hop to it is encrypted: only
+    then is a query padded (RFC 8467; and not at all with ``--no-padding``)."""
 
-    group: UpstreamGroup
-    padding: bool
+    __slots__ = ("encrypted", "group")
+
+    def __init__(self, group: UpstreamGroup, encrypted: bool = True) -> None:
+        self.group = group
+        self.encrypted = encrypted
 
 
 @asynccontextmanager
@@ -68,8 +81,8 @@ async def open_targets(config: Config) -> AsyncIterator[tuple[Target, dict[bytes
             group = await stack.enter_async_context(
                 open_upstream_group(config, specs=forward.targets)
             )
-            forwards[forward.zone] = Target(group, config.padding and not forward.cleartext)
-        yield Target(default, config.padding), forwards
+            forwards[forward.zone] = Target(group, encrypted=not forward.cleartext)
+        yield Target(default), forwards
 
 
 class _Reading(NamedTuple):
@@ -89,7 +102,7 @@ class Routes:
 
     ``generation`` counts the readings: an answer asked of the upstreams under one reading is
     not stored in the cache under the next (its name may be the file's now). ``cache`` is the
-    answer cache to drop newly listed names from (``None``: no cache).
+    answer cache to drop newly listed names from (``None``: no cache; a reload may set it).
     """
 
     def __init__(
@@ -106,7 +119,7 @@ class Routes:
         self._local_zones = config.local_zones
         self._path = config.hosts_file
         self._where = config.name_of("hosts")
-        self._cache = cache
+        self.cache = cache
         self._hosts = hosts or HostsTable({})
         self._signature = None if self._path is None else _signature(self._path)
         self._reading = trio.Lock()
@@ -151,8 +164,8 @@ class Routes:
             self.generation += 1
             self._hosts, self._signature = reading.table, reading.signature
             dropped = 0
-            if self._cache is not None and reading.added:
-                dropped = self._cache.drop_names(reading.added)
+            if self.cache is not None and reading.added:
+                dropped = self.cache.drop_names(reading.added)
             log_hosts(self._path, reading.counts, reading.problems, reloaded=True)
             if dropped:
                 log.info("dropped %d cached answers for names the hosts file now lists", dropped)
@@ -173,6 +186,34 @@ class Routes:
             await trio.sleep(interval)
             if await trio.to_thread.run_sync(_signature, self._path) != self._signature:
                 await self.reload_hosts()
+
+
+async def start_routes(
+    config: Config,
+    default: Target,
+    forwards: Mapping[bytes, Target],
+    *,
+    cache: AnswerCache | None,
+    nursery: trio.Nursery,
+) -> Routes:
+    """The routes for ``config``: the hosts file as ``config`` holds it (read at start) or read
+    now, logged; its watch started in ``nursery``.
+
+    Error handling: raises :class:`ConfigError` when the file must be read now and cannot be.
+    """
+    path = config.hosts_file
+    hosts = config.hosts_table
+    if path is not None:
+        problems: Sequence[HostsProblem] = config.hosts_problems
+        if hosts is None:
+            read = partial(read_hosts, path, where=config.name_of("hosts"))
+            table, problems = await trio.to_thread.run_sync(read)
+            hosts = table
+        log_hosts(path, hosts_counts(hosts), problems)
+    routes = Routes(config, default, forwards, cache=cache, hosts=hosts)
+    if path is not None:
+        nursery.start_soon(routes.watch_hosts)
+    return routes
 
 
 def _signature(path: str) -> _Signature | None:

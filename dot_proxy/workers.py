@@ -3,8 +3,9 @@
 One Python process tops out at one core. With ``--workers N`` the sockets are bound N times
 with SO_REUSEPORT (see ``serve.sockets.bind_worker_sockets``) and each set is served by a
 forked process running the whole proxy: its own trio loop, upstream pool, health and hedging.
-The parent only supervises: it forwards SIGTERM/SIGINT (and SIGHUP) to the workers and waits
-for them.
+The parent only supervises: it forwards SIGTERM/SIGINT to the workers and waits for them, and
+on SIGHUP calls its ``reload`` (to fork later workers with the new settings) and passes the
+signal on, so that every worker reloads.
 Workers share nothing, so there is nothing to lock, and one that dies takes no other down.
 
 A worker that exits while the proxy is not stopping has crashed: the parent logs it and forks
@@ -41,10 +42,11 @@ PARENT_CHECK_INTERVAL = 1.0
 # How often the parent looks for a worker's exit while a restart is due.
 _POLL_INTERVAL = 0.05
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-# Passed on to every worker: SIGHUP re-reads what may change while serving (cli.py).
-_FORWARDED_SIGNALS = {signal.SIGHUP}
+# Blocked while forking: a handler must not run in a child that inherited it.
+_HANDLED_SIGNALS = {*_STOP_SIGNALS, signal.SIGHUP}
 
-ServeOne = Callable[[list[socket.socket], int], None]
+#: ``serve_one(sockets, parent_pid, worker_number)``; the number is the same for a restart.
+ServeOne = Callable[[list[socket.socket], int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +77,18 @@ def run_workers(
     serve_one: ServeOne,
     *,
     policy: CrashPolicy | None = None,
+    reload: Callable[[], None] | None = None,
 ) -> int:
-    """Fork one worker per socket set, each running ``serve_one(sockets, parent_pid)``.
+    """Fork one worker per socket set, each running ``serve_one(sockets, parent_pid, n)``.
 
     Returns the exit status for the parent: 0 when every worker stopped because the proxy was
     asked to stop, 1 when crashes came back too often (or a worker failed to stop cleanly).
     Resource handling: the parent keeps the sockets, to restart workers on them, and closes
     them on return; every worker is waited for.
     """
-    supervisor = _Supervisor(socket_sets, serve_one, policy or CrashPolicy())
+    supervisor = _Supervisor(socket_sets, serve_one, policy or CrashPolicy(), reload)
     previous = {sig: signal.signal(sig, supervisor.stop_all) for sig in _STOP_SIGNALS}
-    previous.update({sig: signal.signal(sig, supervisor.forward) for sig in _FORWARDED_SIGNALS})
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, supervisor.reload)
     try:
         return supervisor.run()
     except BaseException:
@@ -104,11 +107,16 @@ def run_workers(
 
 class _Supervisor:
     def __init__(
-        self, socket_sets: Sequence[list[socket.socket]], serve_one: ServeOne, policy: CrashPolicy
+        self,
+        socket_sets: Sequence[list[socket.socket]],
+        serve_one: ServeOne,
+        policy: CrashPolicy,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         self.socket_sets = socket_sets
         self.serve_one = serve_one
         self.policy = policy
+        self.on_reload = on_reload
         self.parent = os.getpid()
         self.workers: dict[int, int] = {}  # pid → worker number
         self.due: dict[int, float] = {}  # worker number → when to start it again
@@ -123,10 +131,17 @@ class _Supervisor:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    def forward(self, signum: int, _frame: FrameType | None = None) -> None:
+    def reload(self, _signum: int = signal.SIGHUP, _frame: FrameType | None = None) -> None:
+        if self.stopping:
+            return
+        if self.on_reload is not None:
+            try:
+                self.on_reload()
+            except Exception:
+                log.exception("reload in the supervising process failed")
         for pid in self.workers:
             with suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, signal.SIGHUP)
 
     def run(self) -> int:
         for number in range(len(self.socket_sets)):
@@ -186,11 +201,11 @@ def _how(code: int) -> str:
 
 @contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
 
 
 def _wait_for_child(*, until: float) -> tuple[int, int]:
@@ -219,15 +234,16 @@ def _be_worker(
     try:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)  # trio installs its own while serving
-        for sig in _FORWARDED_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)  # until the worker's own receiver takes it
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        # A reload before the worker listens for it must not kill it (SIGHUP's default):
+        # the worker was forked with the parent's latest configuration anyway.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
         for sockets in socket_sets:
             if sockets is not mine:
                 for sock in sockets:
                     sock.close()
         log.info("worker %d (pid %d) serving", number, os.getpid())
-        serve_one(mine, parent)
+        serve_one(mine, parent, number)
         log.info("worker %d (pid %d) stopped", number, os.getpid())
         status = 0
     except BaseException:

@@ -13,7 +13,6 @@ Each records what it did in a dataclass the report reads. They share nothing but
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import select
 import signal
@@ -23,11 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from dot_proxy.testing import realdns
+from dot_proxy.testing import observability, realdns
 
 __all__ = [
     "GarbageStats",
@@ -243,27 +241,42 @@ def _closed(conn: socket.socket) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """The proxy at one moment: seconds since start, RSS, open FDs, CPU seconds so far."""
+    """The proxy at one moment, as its /metrics told it: seconds since start, RSS, open FDs and
+    CPU seconds (summed over workers), queries read, SERVFAIL sent, upstreams up."""
 
     at: float
     rss_bytes: int
     fds: int
     cpu_seconds: float
+    queries: int = 0
+    servfail: int = 0
+    upstreams_up: int = 0
 
 
-def sample_once(pid: int, started: float) -> Sample:
+def sample_once(metrics_port: int, started: float) -> Sample:
+    """Scrape the proxy's own /metrics, as an operator's Prometheus would."""
+    metrics = observability.scrape(metrics_port)
+    total = observability.total
     return Sample(
         at=time.monotonic() - started,
-        rss_bytes=realdns.rss_bytes(pid),
-        fds=len(os.listdir(Path(f"/proc/{pid}/fd"))),
-        cpu_seconds=realdns.cpu_seconds(pid),
+        rss_bytes=int(total(metrics, "process_resident_memory_bytes")),
+        fds=int(total(metrics, "process_open_fds")),
+        cpu_seconds=total(metrics, "process_cpu_seconds_total"),
+        queries=int(total(metrics, "dot_proxy_queries_total")),
+        servfail=int(total(metrics, "dot_proxy_responses_total", rcode="SERVFAIL")),
+        upstreams_up=int(total(metrics, "dot_proxy_upstream_up")),
     )
 
 
 def sample_proxy(
-    stop: threading.Event, pid: int, *, interval: float, started: float, samples: list[Sample]
+    stop: threading.Event,
+    metrics_port: int,
+    *,
+    interval: float,
+    started: float,
+    samples: list[Sample],
 ) -> None:
     """Append a :class:`Sample` every ``interval`` seconds (the first at once)."""
-    samples.append(sample_once(pid, started))
+    samples.append(sample_once(metrics_port, started))
     while not stop.wait(interval):
-        samples.append(sample_once(pid, started))
+        samples.append(sample_once(metrics_port, started))

@@ -9,8 +9,8 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors import GarbageStats, Kill, Sample, SlowlorisStats
@@ -58,6 +58,7 @@ class SoakRun:
     proxy_back_events: int
     proxy_alive: bool
     warmup: float
+    final_metrics: Mapping[str, float] = field(default_factory=dict)  # its /metrics at the end
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +140,29 @@ def _load_table(loads: Sequence[LoadResult]) -> str:
 
 
 def _samples_table(samples: Sequence[Sample]) -> str:
-    lines = ["| t (s) | RSS MiB | open FDs | CPU s |", "|---|---|---|---|"]
-    lines += [
-        f"| {s.at:.0f} | {s.rss_bytes / MIB:.1f} | {s.fds} | {s.cpu_seconds:.1f} |" for s in samples
+    lines = [
+        "| t (s) | RSS MiB | open FDs | CPU s | queries | SERVFAIL | upstreams up |",
+        "|---|---|---|---|---|---|---|",
     ]
+    lines += [
+        f"| {s.at:.0f} | {s.rss_bytes / MIB:.1f} | {s.fds} | {s.cpu_seconds:.1f} | "
+        f"{s.queries:,} | {s.servfail:,} | {s.upstreams_up} |"
+        for s in samples
+    ]
+    return "\n".join(lines)
+
+
+def _final_table(metrics: Mapping[str, float]) -> str:
+    """The proxy's own counters at the end (dot_proxy_* series, buckets left out)."""
+    rows = [
+        (series, value)
+        for series, value in sorted(metrics.items())
+        if series.startswith("dot_proxy_") and "_bucket{" not in series and value
+    ]
+    if not rows:
+        return "(the proxy was not there to scrape at the end)"
+    lines = ["| series | value |", "|---|---|"]
+    lines += [f"| `{series}` | {value:,.6g} |" for series, value in rows]
     return "\n".join(lines)
 
 
@@ -187,11 +207,16 @@ upstream-back events.
 
 {_kills_table(run.kills)}
 
-## Proxy RSS, open file descriptors and CPU (from `/proc`)
+## The proxy over time, from its own /metrics
 
 {_samples_table(run.samples)}
 
-RSS and FDs are judged from the first sample after {run.warmup:g} s of warm-up.
+RSS and FDs (`process_resident_memory_bytes`, `process_open_fds`, summed over workers) are
+judged from the first sample after {run.warmup:g} s of warm-up.
+
+## The proxy's counters at the end (its /metrics, non-zero series)
+
+{_final_table(run.final_metrics)}
 
 ## Side traffic
 

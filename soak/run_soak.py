@@ -7,7 +7,9 @@ All on loopback: two unbound upstreams serving the test zone over DoT (same trus
 dot-proxy forwarding to both, and for the whole run one UDP and one TCP dnsperf at a fixed
 rate, with a timeout above the proxy's deadline. Every ``--kill-every`` seconds one unbound is
 killed (SIGKILL, or SIGSTOP and SIGKILL later) and restarted on its ports; a garbage sender
-and a slowloris client run beside. The proxy's RSS and open FDs are sampled from ``/proc``.
+and a slowloris client run beside. The proxy runs with ``--metrics``, and every figure about
+it (RSS, open FDs, CPU, queries, SERVFAILs, upstreams up, and the counters at the end) is read
+from its own /metrics, as an operator's Prometheus would.
 Writes the markdown report and a PNG chart; exits 1 unless no query was lost and RSS and FDs
 stayed flat (``soak/report.py`` says how that is judged).
 """
@@ -33,7 +35,7 @@ from types import FrameType
 import actors
 from report import LoadResult, SoakRun, render_markdown, verdicts, write_chart
 
-from dot_proxy.testing import realdns
+from dot_proxy.testing import observability, realdns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,6 +179,7 @@ def start_actors(
     *,
     unbounds: Sequence[tuple[str, realdns.Unbound]],
     proxy: realdns.DotProxy,
+    metrics_port: int,
     started: float,
     record: Record,
 ) -> list[actors.Worker]:
@@ -184,7 +187,7 @@ def start_actors(
     targets = {
         "sampler": functools.partial(
             actors.sample_proxy,
-            pid=proxy.pid,
+            metrics_port=metrics_port,
             interval=args.sample_every,
             started=started,
             samples=record.samples,
@@ -219,11 +222,16 @@ def soak(args: argparse.Namespace, workdir: Path) -> SoakRun:
             (name, stack.enter_context(realdns.Unbound(pki, workdir=workdir / f"unbound-{name}")))
             for name in ("a", "b")
         ]
+        metrics_port = realdns.free_port("tcp")
         proxy = stack.enter_context(
             realdns.DotProxy(
                 pki,
                 [unbound.upstream_spec for _, unbound in unbounds],
-                extra_args=shlex.split(args.proxy_args),
+                extra_args=[
+                    "--metrics",
+                    f"{actors.LOOPBACK}:{metrics_port}",
+                    *shlex.split(args.proxy_args),
+                ],
                 workdir=workdir / "dot-proxy",
             )
         )
@@ -233,13 +241,21 @@ def soak(args: argparse.Namespace, workdir: Path) -> SoakRun:
         record = Record()
         with contextlib.ExitStack() as side:
             workers = start_actors(
-                side, args, unbounds=unbounds, proxy=proxy, started=started, record=record
+                side,
+                args,
+                unbounds=unbounds,
+                proxy=proxy,
+                metrics_port=metrics_port,
+                started=started,
+                record=record,
             )
             wait_for(loads, workers, proxy, args.minutes * 60 + args.timeout + 60)
         # The actors have stopped: their records are final, and one last sample is taken.
         alive = proxy.process.poll() is None
+        final: dict[str, float] = {}
         if alive:
-            record.samples.append(actors.sample_once(proxy.pid, started))
+            record.samples.append(actors.sample_once(metrics_port, started))
+            final = observability.scrape(metrics_port)
         log = proxy.log_text()
         return SoakRun(
             command_line=shlex.join(["python", "soak/run_soak.py", *args.argv]),
@@ -259,6 +275,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> SoakRun:
             proxy_back_events=log.count("answers again"),
             proxy_alive=alive,
             warmup=warmup(args),
+            final_metrics=final,
         )
 
 

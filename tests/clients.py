@@ -8,6 +8,7 @@ import dns.message
 import trio
 
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.testing.observability import parse_metrics
 
 
 def query(name: str = "example.com.", rdtype: str = "A", **kwargs: object) -> dns.message.Message:
@@ -97,3 +98,30 @@ async def udp_receive_answer(
             continue
         if answer.id == request.id and answer.question == request.question:
             return answer
+
+
+async def http_request(port: int, request: bytes, *, host: str = "127.0.0.1") -> tuple[int, bytes]:
+    """Send raw ``request`` bytes to an HTTP server; its status and body, read to its close."""
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    finally:
+        await stream.aclose()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def http_get(port: int, path: str, *, method: str = "GET") -> tuple[int, bytes]:
+    """One request on a connection of its own (Connection: close)."""
+    request = f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    return await http_request(port, request.encode())
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """GET /metrics, parsed: ``'name{label="value",...}'`` (labels sorted) → value."""
+    status, body = await http_get(port, "/metrics")
+    assert status == 200, body
+    return parse_metrics(body.decode())

@@ -22,6 +22,9 @@ import trustme
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.handler import ServerStats
 from dot_proxy.resolver import Resolver, open_resolver
+from dot_proxy.serve.ops import endpoints_for
+from dot_proxy.serve.ops_http import bind_ops_socket, serve_ops
+from dot_proxy.serve.running import Running, open_running
 from dot_proxy.serve.server import serve
 from dot_proxy.upstream.group import UpstreamGroup
 from tests.fakes import Behaviour, FakeUpstream, answer_all
@@ -136,5 +139,59 @@ def start_proxy(ca_file: str, nursery: trio.Nursery) -> StartProxy:
 
         bound = await nursery.start(run)
         return RunningProxy(bound[0][2], config, stats, stop, opened[0])
+
+    return start
+
+
+@dataclass
+class OpsProxy:
+    """A proxy serving DNS on 127.0.0.1:``port`` and its operations endpoint on ``http``,
+    the way ``dot-proxy --metrics`` runs them; ``stopped`` is set once ``serve`` returned."""
+
+    port: int
+    http: int
+    running: Running
+    stop: trio.Event
+    stopped: trio.Event
+
+
+StartOpsProxy = Callable[..., Awaitable[OpsProxy]]
+
+
+@pytest.fixture
+def start_ops_proxy(ca_file: str, nursery: trio.Nursery) -> StartOpsProxy:
+    """``await start_ops_proxy([upstream, ...], **config_fields)``, or ``config=`` a whole
+    Config, → an OpsProxy (no cache unless asked, as ``start_proxy``)."""
+
+    async def start(
+        upstreams: list[FakeUpstream] | None = None, *, config: Config | None = None, **options: Any
+    ) -> OpsProxy:
+        if config is None:
+            assert upstreams is not None
+            options.setdefault("ca_file", ca_file)
+            options.setdefault("cache_size", 0)
+            config = Config(
+                upstreams=tuple(parse_upstream(u.spec) for u in upstreams),
+                listen=("127.0.0.1",),
+                port=0,
+                **options,
+            )
+        stop, stopped = trio.Event(), trio.Event()
+        found: dict[str, Any] = {}
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                async with open_running(config) as running:
+                    found["running"] = running
+                    endpoints = endpoints_for(running, stop)
+                    sock = bind_ops_socket(("127.0.0.1", 0))
+                    # In the test's nursery: it answers until the test ends, after the stop.
+                    found["http"] = (await nursery.start(serve_ops, sock, endpoints))[1]
+                    await serve(config, stop=stop, running=running, task_status=task_status)
+            finally:
+                stopped.set()
+
+        bound = await nursery.start(run)
+        return OpsProxy(bound[0][2], found["http"], found["running"], stop, stopped)
 
     return start

@@ -25,9 +25,10 @@ from dot_proxy import cli
 from dot_proxy.cli import build_config
 from dot_proxy.config import Config, UpstreamSpec, parse_upstream
 from dot_proxy.errors import ConfigError
-from dot_proxy.resolver import Resolver
+from dot_proxy.reloading import reload_on_sighup
 from dot_proxy.routing import Routes, Target
 from dot_proxy.serve import sockets
+from dot_proxy.serve.running import Running
 from dot_proxy.upstream.group import UpstreamGroup
 from tests.processes import HANG_GUARD, ROOT, Proxy, run_dot_proxy
 
@@ -334,7 +335,7 @@ def test_no_permission_for_a_low_port_says_how_to_choose_another(
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(sockets, "_bind_one", refuse)
-    monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     with pytest.raises(SystemExit) as exited:
         cli.main(["--listen", "127.0.0.1", "--port", "53"])
     assert exited.value.code == 2
@@ -489,13 +490,13 @@ def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch)
     # a pass over all of them (see cli.GC_THRESHOLDS).
     when_serving: list[tuple[int, tuple[int, int, int]]] = []
 
-    def run(_serve: object, _config: object, sockets: list[socket.socket]) -> None:
+    def run(_serve: object, _launch: object, sockets: list[socket.socket]) -> None:
         when_serving.append((gc.get_freeze_count(), gc.get_threshold()))
         for sock in sockets:
             sock.close()
 
     monkeypatch.setattr(cli.trio, "run", run)
-    monkeypatch.setattr(cli, "_configure_logging", lambda level, workers=1: None)
+    monkeypatch.setattr(cli, "configure_logging", lambda *args, **kwargs: None)
     threshold = gc.get_threshold()
     gc.unfreeze()  # so that only main's freeze can count
     try:
@@ -509,15 +510,19 @@ def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch)
     assert thresholds == cli.GC_THRESHOLDS
 
 
+def _running(config: Config, routes: Routes | None) -> Running:
+    # What reload_on_sighup reads of a Running: its config and its resolver's routes.
+    return cast(Running, SimpleNamespace(config=config, resolver=SimpleNamespace(routes=routes)))
+
+
 async def test_sighup_re_reads_the_hosts_file(
     tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("192.168.1.10 printer.lan\n")
     config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),), hosts_file=str(hosts))
-    routes = Routes(config, Target(cast(UpstreamGroup, None), padding=True))
-    resolver = cast(Resolver, SimpleNamespace(routes=routes))
-    nursery.start_soon(cli._reload_on_signal, config, resolver)
+    routes = Routes(config, Target(cast(UpstreamGroup, None)))
+    nursery.start_soon(reload_on_sighup, _running(config, routes), lambda old: old)
     await trio.testing.wait_all_tasks_blocked()
     with caplog.at_level(logging.INFO):
         for generation in (1, 2):
@@ -525,18 +530,19 @@ async def test_sighup_re_reads_the_hosts_file(
             with trio.fail_after(HANG_GUARD):
                 while routes.generation < generation:  # noqa: ASYNC110 (nothing to wait on)
                     await trio.sleep(0.01)
-    assert "received SIGHUP: re-reading the hosts file" in caplog.text
+    assert "SIGHUP: re-reading the hosts file" in caplog.text
+    # No --config file: with a hosts file, SIGHUP has something to do, and says nothing else.
+    assert "no --config file" not in caplog.text
 
 
-async def test_sighup_without_a_hosts_file_is_logged_and_harmless(
+async def test_sighup_without_a_hosts_or_config_file_is_logged_and_harmless(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),))
-    resolver = cast(Resolver, SimpleNamespace(routes=None))
-    nursery.start_soon(cli._reload_on_signal, config, resolver)
+    nursery.start_soon(reload_on_sighup, _running(config, None), lambda old: old)
     await trio.testing.wait_all_tasks_blocked()
     with caplog.at_level(logging.INFO, logger="dot_proxy"):
         os.kill(os.getpid(), signal.SIGHUP)
         with trio.fail_after(HANG_GUARD):
-            while "nothing to re-read" not in caplog.text:  # noqa: ASYNC110
+            while "nothing changed" not in caplog.text:  # noqa: ASYNC110
                 await trio.sleep(0.01)

@@ -33,12 +33,16 @@ LAYERS: list[tuple[str, ...]] = [
         "dot_proxy.cpus",
         "dot_proxy.healthcheck",
         "dot_proxy.workers",
+        "dot_proxy.runner",
+        "dot_proxy.reloading",
+        "dot_proxy.logs",
+        "dot_proxy.settings",
     ),
     ("dot_proxy.serve",),
     ("dot_proxy.handler",),
     ("dot_proxy.resolver", "dot_proxy.routing"),
     ("dot_proxy.upstream",),
-    ("dot_proxy.config",),
+    ("dot_proxy.config", "dot_proxy.config_file"),
     ("dot_proxy.core",),
     ("dot_proxy.errors", "dot_proxy"),  # the package's face holds only the version
 ]
@@ -113,12 +117,22 @@ CORE = sorted(name for name, _ in MODULES if name.startswith("dot_proxy.core."))
 
 
 def test_the_core_folder_holds_the_pure_modules() -> None:
-    expected = {"access", "cache", "edns", "framing", "health", "message", "pins"}
+    expected = {
+        "access",
+        "cache",
+        "edns",
+        "framing",
+        "health",
+        "message",
+        "metrics",
+        "pins",
+        "slots",
+    }
     assert expected <= {name.rpartition(".")[2] for name in CORE}
 
 
 def test_pure_modules_do_not_import_trio() -> None:
-    pure = ", ".join([*CORE, "dot_proxy.config", "dot_proxy.errors"])
+    pure = ", ".join([*CORE, "dot_proxy.config", "dot_proxy.config_file", "dot_proxy.errors"])
     result = run(
         f"import {pure}, sys\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'socket', 'ssl'))\n"

@@ -22,8 +22,8 @@ from dot_proxy.routing import HOSTS_POLL_INTERVAL, Routes, Target
 from dot_proxy.upstream.group import UpstreamGroup
 from tests.fakes import answer_for
 
-DEFAULT = Target(cast(UpstreamGroup, "default group"), padding=True)
-ROUTER_LAN = Target(cast(UpstreamGroup, "router group"), padding=False)
+DEFAULT = Target(cast(UpstreamGroup, "default group"))
+ROUTER_LAN = Target(cast(UpstreamGroup, "router group"), encrypted=False)
 
 
 def key(name: str, rdtype: str = "A") -> bytes:

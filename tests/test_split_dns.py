@@ -113,7 +113,7 @@ async def test_a_zone_has_its_own_health_and_failures(
     _, _, proxy = await corp_and_default(start_upstream, start_proxy)
     zone = proxy.resolver.routes.forwards[name_to_wire("corp.example")]
     assert zone.group is not proxy.group
-    assert zone.padding  # a DoT zone: padded like the default upstreams
+    assert zone.encrypted  # a DoT zone: padded like the default upstreams
     await ask(proxy, "wiki.corp.example")
     assert zone.group.health[0].answers == 1
     assert proxy.group.health[0].answers == 0
@@ -178,7 +178,7 @@ async def test_a_plain_target_answers_over_udp_unpadded(
     # Cleartext: no padding (it hides nothing there), and no OPT the client did not send.
     assert dns.message.from_wire(sent).edns == -1
     assert sent[2:] == request.to_wire()[2:]
-    assert not proxy.resolver.routes.forwards[name_to_wire("lan")].padding
+    assert not proxy.resolver.routes.forwards[name_to_wire("lan")].encrypted
 
 
 async def test_a_truncated_plain_answer_is_asked_again_over_tcp(

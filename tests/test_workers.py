@@ -175,7 +175,7 @@ def test_sighup_to_the_supervisor_reaches_every_worker(
         wait_until(lambda: logged(".serve.server: listening on tcp"), "a worker did not start")
         proxy.process.send_signal(signal.SIGHUP)
         wait_until(lambda: logged(f".routing: hosts file {hosts} re-read"), "no re-read")
-        assert logged(": received SIGHUP: re-reading the hosts file")
+        assert logged(": SIGHUP: re-reading the hosts file")
         assert all(running(pid) for pid in workers)
         proxy.process.send_signal(signal.SIGTERM)
         assert proxy.finish() == 0

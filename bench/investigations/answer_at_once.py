@@ -66,7 +66,7 @@ def make_resolver(config: Config, nursery: trio.Nursery, cache: AnswerCache) -> 
     except ImportError:
         return Resolver(stand_in, config, nursery, cache), False
     zone = name_to_wire("corp.example")
-    default, corp = routing.Target(stand_in, True), routing.Target(stand_in, True)
+    default, corp = routing.Target(stand_in), routing.Target(stand_in)
     routes = routing.Routes(config, default, {zone: corp}, cache=cache)
     return Resolver(stand_in, config, nursery, cache, routes=routes), True
 

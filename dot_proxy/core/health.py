@@ -13,6 +13,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from dot_proxy.core.metrics import Histogram
+
 __all__ = ["Health", "Policy", "order_upstreams"]
 
 EWMA_WEIGHT = 0.2
@@ -45,8 +47,10 @@ class Health:
     last_failure: float = float("-inf")
     answers: int = 0
     failures: int = 0
+    timeouts: int = 0  # of the failures
     soft_failures: int = 0
     lost_races: int = 0
+    rtt_histogram: Histogram = field(default_factory=Histogram)
     _samples: list[float] = field(default_factory=list)
     _next_sample: int = 0
     _p95: float | None = None
@@ -54,6 +58,7 @@ class Health:
     def record_answer(self, now: float, rtt: float) -> None:
         """A valid answer arrived after ``rtt`` seconds: the upstream is up."""
         self.answers += 1
+        self.rtt_histogram.observe(rtt)
         self.rtt = rtt if self.rtt is None else self.rtt + EWMA_WEIGHT * (rtt - self.rtt)
         if len(self._samples) < SAMPLES:
             self._samples.append(rtt)
@@ -89,6 +94,7 @@ class Health:
         self.consecutive_failures += 1
         self.last_failure = now
         if timeout:
+            self.timeouts += 1
             self.consecutive_timeouts += 1
             if self.consecutive_timeouts < TIMEOUTS_TO_DOWN:
                 return

@@ -15,11 +15,11 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 import trio
 
 from dot_proxy.config import Config, cleartext_zones
-from dot_proxy.core.access import AccessList, RateLimiter
+from dot_proxy.core.access import AccessList
 from dot_proxy.core.local_zones import BUILTIN_NXDOMAIN_ZONES
-from dot_proxy.handler import QueryHandler, ServerStats
-from dot_proxy.resolver import Resolver, open_resolver
-from dot_proxy.serve.listening import Listening
+from dot_proxy.handler import ServerStats
+from dot_proxy.resolver import Resolver
+from dot_proxy.serve.running import Running, open_running
 from dot_proxy.serve.sockets import bind_sockets
 from dot_proxy.serve.tcp import serve_tcp
 from dot_proxy.serve.udp import serve_udp
@@ -38,6 +38,7 @@ async def serve(
     stop: trio.Event | None = None,
     stats: ServerStats | None = None,
     resolver: Resolver | None = None,
+    running: Running | None = None,
     task_status: trio.TaskStatus[list[tuple[str, str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve DNS on ``sockets`` (bound from ``config`` if not given) until ``stop`` is set.
@@ -47,29 +48,22 @@ async def serve(
     returns. Without ``stop`` it serves until cancelled. Queries go to ``resolver``, already
     open, when given (a test or an embedding program that wants to look at it, or to put
     something of its own there); otherwise ``serve`` opens the cache and the upstreams
-    ``config`` names.
+    ``config`` names. ``running``, when given, is all of that and what a reload changes
+    (``serve.running``), opened by the caller; ``stats`` and ``resolver`` are then its.
 
     Resource handling: every socket and task is closed on return, and so is every upstream
     connection of a resolver ``serve`` opened; a resolver passed in stays open, its owner's.
     """
     if sockets is None:
         sockets = bind_sockets(config)
-    stats = stats if stats is not None else ServerStats()
-    resolving: AbstractAsyncContextManager[Resolver] = (
-        open_resolver(config) if resolver is None else nullcontext(resolver)
+    opening: AbstractAsyncContextManager[Running] = (
+        open_running(config, stats=stats, resolver=resolver)
+        if running is None
+        else nullcontext(running)
     )
     try:
-        async with resolving as answering, trio.open_nursery() as work:
-            listening = Listening(
-                handler=QueryHandler(answering, config, stats),
-                nursery=work,
-                limiter=trio.Semaphore(config.max_in_flight),
-                tcp_clients=trio.Semaphore(config.max_tcp_clients),
-                stats=stats,
-                access=AccessList(config.allow),
-                ratelimit=RateLimiter(config.ratelimit) if config.ratelimit else None,
-                tcp_idle_timeout=config.tcp_idle_timeout,
-            )
+        async with opening as state, trio.open_nursery() as work:
+            listening = state.listen(work, sockets)
             async with trio.open_nursery() as listeners:
                 bound = []
                 for sock in sockets:

@@ -84,8 +84,10 @@ async def _refuse_tcp_client(sock: socket.socket, listening: Listening) -> None:
                 if not data:
                     return
                 decoder.feed(data)
+            listening.stats.queries_tcp += 1
             if (reply := refusal(message)) is not None:
                 sock.send(frame(reply))
+                listening.stats.rcodes[reply[3] & 0x0F] += 1
     except (OSError, WireError):
         pass
     finally:
@@ -187,11 +189,13 @@ async def _start_queries(
         if (message := decoder.next_message()) is NEED_DATA:
             return started
         started = True
+        listening.stats.queries_tcp += 1
+        received = trio.current_time()
         if not listening.admits(client.host):
             # Over its network's rate: REFUSED, since a TCP client would wait out its
             # timeout for a dropped query.
             if (reply := refusal(message)) is not None:
-                client.writer.write_nowait(frame(reply))
+                _answered(client, reply, received)
             continue
         pipeline, limiter = client.pipeline, listening.limiter
         if not (pipeline.value and limiter.value):
@@ -205,19 +209,18 @@ async def _start_queries(
                     await _wait_for_slot(client, semaphore, idle_scope)
             pipeline.release()
             limiter.release()
-        outcome = listening.handler.answer_at_once(message, trio.current_time(), udp=False)
+        outcome = listening.handler.answer_at_once(message, received, udp=False)
         if outcome is None:
             continue
         if isinstance(outcome, bytes):
             # Answered where it was read: no task, no hand-off.
-            client.writer.write_nowait(frame(outcome))
-            client.last_answer = trio.current_time()
+            _answered(client, outcome, received)
             continue
         # Both slots are free (nothing awaited since they were): taken before spawning
         # (trio #527), released when the task ends.
         pipeline.acquire_nowait()
         limiter.acquire_nowait()
-        queries.start_soon(_answer_frame, client, message, outcome)
+        queries.start_soon(_answer_frame, client, message, outcome, received)
 
 
 async def _wait_for_slot(
@@ -237,18 +240,28 @@ async def _wait_for_slot(
         idle_scope.deadline = deadline
 
 
-async def _answer_frame(client: _ClientConnection, message: bytes, pending: Pending) -> None:
+async def _answer_frame(
+    client: _ClientConnection, message: bytes, pending: Pending, received: float
+) -> None:
     try:
         reply = await client.listening.handler.answer(message, pending, udp=False)
     except trio.Cancelled:
         # The stop's grace period ended first (or the client is gone, and the write is a
         # no-op): SERVFAIL before the connection's finally closes the socket, not silence.
         if (servfail := cut_off(message, client.listening.stats)) is not None:
-            client.writer.write_nowait(frame(servfail))
+            _answered(client, servfail, received)
         raise
     else:
-        client.writer.write_nowait(frame(reply))
-        client.last_answer = trio.current_time()
+        _answered(client, reply, received)
     finally:
         client.listening.limiter.release()
         client.pipeline.release()
+
+
+def _answered(client: _ClientConnection, reply: bytes, received: float) -> None:
+    """Queue ``reply`` for the client and count it: its RCODE, how long the client waited."""
+    client.writer.write_nowait(frame(reply))
+    client.last_answer = now = trio.current_time()
+    stats = client.listening.stats
+    stats.rcodes[reply[3] & 0x0F] += 1
+    stats.query_duration.observe(now - received)

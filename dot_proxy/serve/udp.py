@@ -43,12 +43,14 @@ async def serve_udp(
     answer included: nothing queues without bound.
     """
     sock.setblocking(False)
-    stats, limiter, access = listening.stats, listening.limiter, listening.access
-    handler = listening.handler
+    stats, limiter = listening.stats, listening.limiter
     task_status.started(sock.getsockname()[:2])
     while True:
         await trio.lowlevel.wait_readable(sock)
         now = trio.current_time()  # one clock read per burst: the cache's TTLs are whole seconds
+        # Read per burst, not once: a configuration reload may replace them.
+        access, handler = listening.access, listening.handler
+        received = answered = 0
         for _ in range(BURST):
             try:
                 data, address = sock.recvfrom(MAX_DATAGRAM)
@@ -58,10 +60,12 @@ async def serve_udp(
                 # e.g. ECONNREFUSED from an ICMP error about an earlier answer: not fatal.
                 log.debug("udp receive: %s", exc)
                 continue
+            received += 1
             if not access.allows(address[0]):
                 stats.refused += 1
                 if (reply := refusal(data)) is not None:
                     _send_datagram(sock, reply, address, stats)
+                    answered += 1
                 continue
             if not listening.admits(address[0]):
                 continue
@@ -73,11 +77,20 @@ async def serve_udp(
                 continue
             if isinstance(outcome, bytes):
                 _send_datagram(sock, outcome, address, stats)
+                answered += 1
                 continue
             # Taken before the task is spawned (trio #527), released when it ends; free, as
             # nothing awaited since the check above.
             limiter.acquire_nowait()
-            listening.nursery.start_soon(_answer_datagram, sock, listening, data, outcome, address)
+            listening.nursery.start_soon(
+                _answer_datagram, sock, listening, data, outcome, address, now
+            )
+        stats.queries_udp += received
+        if answered:
+            # Answered where they were read (cached, refused, malformed), with no clock read
+            # per answer: each is counted as having waited the whole burst so far, an upper
+            # bound (microseconds at low load).
+            stats.query_duration.observe_many(answered, trio.current_time() - now)
 
 
 def _send_datagram(
@@ -85,6 +98,7 @@ def _send_datagram(
 ) -> None:
     try:
         sock.sendto(reply, address)
+        stats.rcodes[reply[3] & 0x0F] += 1
     except BlockingIOError:
         # The send buffer is full: drop, as the kernel would for a blocking socket under
         # pressure; the client retries. Waiting here would hold a slot.
@@ -93,22 +107,26 @@ def _send_datagram(
         log.debug("udp send: %s", exc)
 
 
-async def _answer_datagram(
+async def _answer_datagram(  # noqa: PLR0917 (start_soon passes arguments by position)
     sock: socket.socket,
     listening: Listening,
     data: bytes,
     pending: Pending,
     address: tuple[object, ...],
+    received: float,
 ) -> None:
+    stats = listening.stats
     try:
         reply = await listening.handler.answer(data, pending, udp=True)
     except trio.Cancelled:
         # The stop's grace period ended first. The socket is still open (the server closes it
         # once every task is done): SERVFAIL now, not silence.
-        if (servfail := cut_off(data, listening.stats)) is not None:
-            _send_datagram(sock, servfail, address, listening.stats)
+        if (servfail := cut_off(data, stats)) is not None:
+            _send_datagram(sock, servfail, address, stats)
+            stats.query_duration.observe(trio.current_time() - received)
         raise
     else:
-        _send_datagram(sock, reply, address, listening.stats)
+        _send_datagram(sock, reply, address, stats)
+        stats.query_duration.observe(trio.current_time() - received)
     finally:
         listening.limiter.release()

@@ -57,6 +57,11 @@ class Member(Protocol):
     @property
     def spec(self) -> _Named: ...
 
+    @property
+    def connections(self) -> Sequence[object]:
+        """The connections open or opening now (for the metrics)."""
+        ...
+
     async def query(self, message: bytes, key: bytes, race: Race | None = None) -> bytes:
         """The answer (any ID); raises UpstreamError, RaceLost once ``race`` is won."""
         ...
@@ -128,6 +133,7 @@ class UpstreamGroup:
         self._hedges: list[tuple[float, int, _Attempts]] = []
         self._hedge_lot = trio.lowlevel.ParkingLot()
         self._hedge_count = 0
+        self.hedges_started = 0  # read by the metrics
         self._quiet_until: dict[int, float] = {}
 
     @property
@@ -245,10 +251,10 @@ class UpstreamGroup:
         if now < self._quiet_until.get(index, float("-inf")):
             return
         self._quiet_until[index] = now + 60.0
+        label = self._upstreams[index].spec.label
+        backoff = self.health[index].backoff
         log.warning(
-            "%s is down; probing it again in %g s",
-            self._upstreams[index].spec.label,
-            self.health[index].backoff,
+            "%s is down; probing it again in %g s", label, backoff, extra={"upstream": label}
         )
 
     # --- hedging ---------------------------------------------------------------------------
@@ -280,6 +286,7 @@ class UpstreamGroup:
                 race = heapq.heappop(hedges)[2]
                 if not race.finished and race.answer is None and self._may_hedge(race):
                     race.hedge_scope = trio.CancelScope(deadline=race.deadline)
+                    self.hedges_started += 1
                     self._nursery.start_soon(self._hedge, race, race.hedge_scope)
             if hedges:
                 wake_at = max(hedges[0][0], now + HEDGER_RESOLUTION)
@@ -324,7 +331,8 @@ class UpstreamGroup:
                 await upstream.query(PROBE_QUERY, PROBE_KEY)
                 now = trio.current_time()
                 health.record_answer(now, now - started)
-                log.warning("%s answers again", upstream.spec.label)
+                label = upstream.spec.label
+                log.warning("%s answers again", label, extra={"upstream": label})
                 return
             health.record_failure(trio.current_time())
         except UpstreamError as exc:

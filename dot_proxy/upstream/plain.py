@@ -79,6 +79,11 @@ class PlainUpstream:
         self._rng = rng or random.SystemRandom()
         self._family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
 
+    @property
+    def connections(self) -> tuple[()]:
+        """None kept open: each query has a socket of its own, closed when it is answered."""
+        return ()
+
     async def query(self, message: bytes, key: bytes, race: Race | None = None) -> bytes:
         """Resolve one query; the answer carries an arbitrary ID (the caller puts the
         client's back). ``key`` is the query's ``question_key``.
