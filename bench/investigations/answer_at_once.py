@@ -32,7 +32,6 @@ import trio
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.cache import AnswerCache, cache_key
 from dot_proxy.core.message import HEADER_SIZE, parse_query
-from dot_proxy.core.zones import name_to_wire
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.resolver import Resolver
 
@@ -65,7 +64,7 @@ def make_resolver(config: Config, nursery: trio.Nursery, cache: AnswerCache) -> 
         routing = importlib.import_module("dot_proxy.routing")
     except ImportError:
         return Resolver(stand_in, config, nursery, cache), False
-    zone = name_to_wire("corp.example")
+    zone = b"\x04corp\x07example\x00"  # corp.example. in wire form
     default, corp = routing.Target(stand_in), routing.Target(stand_in)
     routes = routing.Routes(config, default, {zone: corp}, cache=cache)
     return Resolver(stand_in, config, nursery, cache, routes=routes), True
