@@ -203,6 +203,36 @@ def _parser() -> argparse.ArgumentParser:
         help="also ask the next upstream when the first has not answered after this long "
         "(default: auto, the upstream's own recent p95 latency, at least 0.1 s)",
     )
+    add(
+        "--forward",
+        action="append",
+        metavar="ZONE=SPEC",
+        help="send ZONE and the names under it to SPEC instead: upstreams as for --upstream, "
+        "or plain:HOST[:PORT] for a cleartext resolver on the local network, several "
+        "separated by '|'; repeatable",
+    )
+    add(
+        "--hosts",
+        metavar="FILE",
+        help="answer the names and addresses of this /etc/hosts-format file here; re-read "
+        "when it changes and on SIGHUP",
+    )
+    add(
+        "--no-local-zones",
+        action="store_const",
+        const="true",
+        default=None,
+        help="forward localhost., private reverse zones, home.arpa. etc. like any other name "
+        "(by default they are answered here and never leave; RFC 6761, RFC 6303)",
+    )
+    add(
+        "--keep-ecs",
+        action="store_const",
+        const="true",
+        default=None,
+        help="pass a client's EDNS Client Subnet option upstream, and back (by default it is "
+        "removed: it tells every resolver on the way which network asked; RFC 7871)",
+    )
     return parser
 
 

@@ -18,21 +18,30 @@ from types import MappingProxyType
 
 from dot_proxy.core.access import DEFAULT_ALLOW
 from dot_proxy.core.cache import DEFAULT_CACHE_SIZE
+from dot_proxy.core.hosts import HostsProblem, HostsTable, parse_hosts
 from dot_proxy.core.pins import PinError, parse_pin
+from dot_proxy.core.zones import name_from_wire, name_to_wire
 from dot_proxy.errors import ConfigError
 
 __all__ = [
     "DEFAULT_UPSTREAMS",
     "Config",
+    "ForwardZone",
+    "PlainSpec",
     "UpstreamSpec",
+    "cleartext_zones",
     "flag",
     "parse_allow",
+    "parse_forward",
     "parse_listen_address",
     "parse_metrics_address",
     "parse_upstream",
+    "read_hosts",
 ]
 
 DOT_PORT = 853
+DNS_PORT = 53
+PLAIN_PREFIX = "plain:"
 UPSTREAM_POLICIES = ("failover", "round-robin", "fastest")
 LOG_FORMATS = ("text", "json")
 DEFAULT_UPSTREAMS = ("1.1.1.1:853#cloudflare-dns.com", "1.0.0.1:853#cloudflare-dns.com")
@@ -64,8 +73,8 @@ class UpstreamSpec:
     def label(self) -> str:
         """How logs and errors name this upstream: ``HOST:PORT#NAME``, or ``HOST:PORT`` when
         no name is checked (pins alone authenticate it)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}#{self.auth_name}" if self.check_name else f"{host}:{self.port}"
+        address = _host_port(self.host, self.port)
+        return f"{address}#{self.auth_name}" if self.check_name else address
 
     @property
     def description(self) -> str:
@@ -75,6 +84,50 @@ class UpstreamSpec:
         if self.check_name:
             return f"{self.label} ^{len(self.pins)} pin(s)"
         return f"{self.label} ^{len(self.pins)} pin(s), no name checked"
+
+
+@dataclass(frozen=True, slots=True)
+class PlainSpec:
+    """A cleartext resolver on the local network (a router, a VPN's resolver): UDP, with TCP
+    when an answer is truncated. The only way a query leaves in cleartext."""
+
+    host: str
+    port: int = DNS_PORT
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name this upstream."""
+        return PLAIN_PREFIX + _host_port(self.host, self.port)
+
+    @property
+    def description(self) -> str:
+        """As :attr:`UpstreamSpec.description`: the label (there is nothing to authenticate)."""
+        return self.label
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardZone:
+    """``--forward ZONE=SPEC``: ZONE and every name under it go to ``targets``, in order.
+
+    ``zone`` is the zone's lower-cased wire name (:func:`dot_proxy.core.zones.name_to_wire`).
+    """
+
+    zone: bytes
+    targets: tuple[UpstreamSpec | PlainSpec, ...]
+
+    @property
+    def name(self) -> str:
+        """The zone in presentation form, with its final dot."""
+        return name_from_wire(self.zone)
+
+    @property
+    def cleartext(self) -> bool:
+        """Whether this zone's queries leave unencrypted (its upstreams are all ``plain:``)."""
+        return any(isinstance(target, PlainSpec) for target in self.targets)
 
 
 def flag(option: str) -> str:
@@ -125,6 +178,18 @@ class Config:
     log_format: str = "text"
     # The TOML file the settings were read from (--config), re-read on SIGHUP.
     config_file: str | None = None
+    # Split DNS: zones sent elsewhere than the default upstreams, a hosts file answered here,
+    # the built-in local zones (RFC 6761, RFC 6303, RFC 8375), and whether a client's EDNS
+    # Client Subnet option goes upstream (RFC 7871 §11.1: off by default).
+    forward: tuple[ForwardZone, ...] = ()
+    hosts_file: str | None = None
+    # The hosts file as read at start, while the process may still read it (before --user,
+    # as the CA file), and the problems found in it, for the start-up log. None: the server
+    # reads hosts_file itself. Re-read while serving when the file changes.
+    hosts_table: HostsTable | None = field(default=None, compare=False, repr=False)
+    hosts_problems: tuple[HostsProblem, ...] = field(default=(), compare=False, repr=False)
+    local_zones: bool = True
+    keep_ecs: bool = False
     # Where each setting that was given came from, as errors must name it: option ("timeout")
     # → "--timeout", "DOT_PROXY_TIMEOUT" or "FILE: timeout". Not part of the value.
     origins: Mapping[str, str] = field(
@@ -176,6 +241,7 @@ class Config:
                 f"{name('log-format')}: {self.log_format!r} is not one of " + ", ".join(LOG_FORMATS)
             )
         self._check_hedge_after()
+        self._check_forward()
 
     def _check_hedge_after(self) -> None:
         hedge_after = self.hedge_after
@@ -191,6 +257,15 @@ class Config:
                 f"{where}: {hedge_after:g} must be less than the query timeout "
                 f"({self.timeout:g} s, {self.name_of('timeout')}), or 0 (off)"
             )
+
+    def _check_forward(self) -> None:
+        seen: set[bytes] = set()
+        for forward in self.forward:
+            if forward.zone in seen:
+                raise ConfigError(f"{self.name_of('forward')}: zone {forward.name} is given twice")
+            if not forward.targets:
+                raise ConfigError(f"{self.name_of('forward')}: zone {forward.name} has no upstream")
+            seen.add(forward.zone)
 
     @property
     def connect_timeout(self) -> float:
@@ -296,7 +371,81 @@ def parse_upstream(text: str, *, where: str = "--upstream") -> UpstreamSpec:
     )
 
 
-def _split_host_port(text: str, where: str) -> tuple[str, int]:
+def parse_forward(text: str, *, where: str = "--forward") -> ForwardZone:
+    """Parse one ``--forward ZONE=SPEC`` value.
+
+    SPEC is a list separated by ``|`` of upstreams written as for ``--upstream`` (DoT,
+    verified, pins allowed), or of ``plain:HOST[:PORT]`` (cleartext, port 53 by default; IPv6
+    in brackets, ``plain:[fd00::1]:53``), not both. ZONE may end with a dot; ``.`` is the root.
+    ``where`` names the setting in errors (``--forward``, ``DOT_PROXY_FORWARD``, ...).
+    """
+    zone_text, equals, spec = text.strip().partition("=")
+    setting = where
+    where = f"{setting}: {text!r}"
+    if not equals or not zone_text.strip() or not spec.strip():
+        raise ConfigError(f"{where}: write ZONE=UPSTREAM[|UPSTREAM...]")
+    try:
+        zone = name_to_wire(zone_text.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {zone_text.strip()!r} is not a zone name ({exc})") from None
+    targets: list[UpstreamSpec | PlainSpec] = []
+    for item in (part.strip() for part in spec.split("|")):
+        if not item:
+            raise ConfigError(f"{where}: an empty upstream between '|'")
+        if item.lower().startswith(PLAIN_PREFIX):
+            target: UpstreamSpec | PlainSpec = _parse_plain(item[len(PLAIN_PREFIX) :], where)
+        else:
+            target = parse_upstream(item, where=setting)
+        if target in targets:
+            raise ConfigError(f"{where}: {target.label} is listed twice")
+        targets.append(target)
+    if len({isinstance(target, PlainSpec) for target in targets}) > 1:
+        # A zone's queries are encrypted or they are not: a TLS upstream with a plain:
+        # fallback would send them in cleartext whenever the TLS one is slow or down.
+        raise ConfigError(f"{where}: mixes TLS and plain: upstreams; use one kind per zone")
+    return ForwardZone(zone, tuple(targets))
+
+
+def _parse_plain(text: str, where: str) -> PlainSpec:
+    if "#" in text or "^" in text:
+        raise ConfigError(f"{where}: a plain: upstream has no name or pin to check (no TLS)")
+    host, port = _split_host_port(text, where, default_port=DNS_PORT)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{where}: {host!r} is not an IP address") from None
+    return PlainSpec(host, port)
+
+
+def cleartext_zones(config: Config) -> list[str]:
+    """The start-up log's warnings: one per zone whose queries may leave unencrypted."""
+    return [
+        f"queries for {forward.name} and the names under it leave in CLEARTEXT to "
+        + ", ".join(target.label for target in forward.targets)
+        + " (plain DNS: anyone on the path can read and alter them)"
+        for forward in config.forward
+        if forward.cleartext
+    ]
+
+
+def read_hosts(path: str, *, where: str = "--hosts") -> tuple[HostsTable, list[HostsProblem]]:
+    """Read and parse a hosts file (``--hosts``); its problems are for the log, by line.
+
+    Bytes that are not UTF-8 make only their own line a problem (a name that is not a host
+    name), not the whole file. Error handling: raises :class:`ConfigError` naming ``where``
+    (``--hosts``, ``DOT_PROXY_HOSTS``, ...) when the file cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {path!r} cannot be read ({exc.strerror or exc})") from None
+    return parse_hosts(text)
+
+
+def _split_host_port(text: str, where: str, *, default_port: int = DOT_PORT) -> tuple[str, int]:
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -307,7 +456,7 @@ def _split_host_port(text: str, where: str) -> tuple[str, int]:
     else:
         host, port_text = text, ""  # IPv4 without port, or a bare IPv6 address
     if not port_text:
-        return host, DOT_PORT
+        return host, default_port
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"{where}: port {port_text!r} is not a number from 1 to 65535")
     return host, int(port_text)

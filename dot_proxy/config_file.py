@@ -63,6 +63,10 @@ SHAPES: Final[Mapping[str, Shape]] = {
     "serve-stale": NUM,
     "hedge-after": Shape.NUMBER_OR_WORD,
     "metrics": STR,
+    "forward": Shape.STRINGS,
+    "hosts": STR,
+    "no-local-zones": Shape.BOOLEAN,
+    "keep-ecs": Shape.BOOLEAN,
 }
 
 

@@ -1,11 +1,13 @@
 """One query's life, from the client's bytes to the bytes to answer with; no sockets.
 
 The serve loops hand every query they read to :meth:`QueryHandler.answer_at_once`: a malformed
-query gets its error (or nothing), a cached one its answer, there and then, with no task and no
-await. Anything else comes back parsed, and the loop spawns a task that awaits
-:meth:`QueryHandler.answer`: the resolver under one deadline (RFC 7858 / the design's
-``trio.move_on_after(timeout)``), or SERVFAIL. The resolver gives every answer as the client must
-see it: its ID and question, cut to its UDP size.
+query gets its error (or nothing), a cached one its answer, and one for a name answered here
+(the built-in local zones, the hosts file: :mod:`dot_proxy.routing`) its local answer, there
+and then, with no task and no await. Anything else comes back parsed, with the upstream group
+its route names, and the loop spawns a task that awaits :meth:`QueryHandler.answer`: the
+resolver under one deadline (RFC 7858 / the design's ``trio.move_on_after(timeout)``), or
+SERVFAIL. The resolver gives every answer as the client must see it: its ID and question, cut
+to its UDP size.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ from dataclasses import dataclass, field
 import trio
 
 from dot_proxy.config import Config
+from dot_proxy.core.local_answer import local_answer
+from dot_proxy.core.local_zones import Local
 from dot_proxy.core.message import Query, Rcode, error_reply, parse_query
 from dot_proxy.core.metrics import Histogram
 from dot_proxy.errors import UpstreamError, WireError
 from dot_proxy.resolver import Resolver
+from dot_proxy.routing import Target
 
-__all__ = ["QueryHandler", "ServerStats"]
+__all__ = ["Pending", "QueryHandler", "ServerStats"]
 
 log = logging.getLogger(__name__)
+
+#: A query for the upstreams, and the route's target: what a serve loop hands a task.
+Pending = tuple[Query, Target]
 
 
 @dataclass(slots=True)
@@ -41,6 +49,7 @@ class ServerStats:
     ratelimited: int = 0
     dropped_busy: int = 0
     servfail: int = 0
+    local: int = 0  # answered here: built-in local zones, hosts file
     timeouts: int = 0
     errors: int = 0
 
@@ -50,6 +59,7 @@ class QueryHandler:
 
     def __init__(self, resolver: Resolver, config: Config, stats: ServerStats) -> None:
         self._resolver = resolver
+        self._routes = resolver.routes
         self._timeout = config.timeout
         self._stats = stats
 
@@ -57,12 +67,13 @@ class QueryHandler:
         """Give queries from now on ``config``'s deadline (a reload)."""
         self._timeout = config.timeout
 
-    def answer_at_once(self, data: bytes, now: float, *, udp: bool) -> bytes | Query | None:
+    def answer_at_once(self, data: bytes, now: float, *, udp: bool) -> bytes | Pending | None:
         """What can be answered without waiting, or the parsed query to answer in a task.
 
-        Bytes to send back (an error for a malformed query, a cached answer), ``None`` to send
-        nothing (a message not worth an answer), or the :class:`Query` for :meth:`answer`.
-        Never raises; never awaits.
+        Bytes to send back (an error for a malformed query, a cached answer, a local one),
+        ``None`` to send nothing (a message not worth an answer), or the :class:`Query` and
+        its route's :class:`~dot_proxy.routing.Target`, for :meth:`answer`. Never raises;
+        never awaits.
         """
         resolver = self._resolver
         if (answer := resolver.answer_repeated(data, now, udp=udp)) is not None:
@@ -74,7 +85,15 @@ class QueryHandler:
             log.debug("malformed query: %s", exc)
             return None if exc.rcode is None else error_reply(data, exc.rcode)
         answer = resolver.answer_from_cache(data, query, now, udp=udp)
-        return query if answer is None else answer
+        if answer is not None:
+            return answer
+        # A local answer is never cached (it costs no more to make than to patch), so a name
+        # answered here reaches this point every time; a forwarded one only on a miss.
+        route = self._routes.router.route(query.question_key)
+        if isinstance(route, Local):
+            self._stats.local += 1
+            return local_answer(query, route, udp=udp)
+        return query, route.target
 
     async def answer_message(self, data: bytes, now: float, *, udp: bool) -> bytes | None:
         """:meth:`answer_at_once`, then :meth:`answer` if need be: a serve loop's work in one
@@ -84,17 +103,19 @@ class QueryHandler:
             return outcome
         return await self.answer(data, outcome, udp=udp)
 
-    async def answer(self, data: bytes, query: Query, *, udp: bool) -> bytes:
-        """The answer to ``query`` (``data`` as the client sent it), under one deadline.
+    async def answer(self, data: bytes, pending: Pending, *, udp: bool) -> bytes:
+        """The answer to ``pending``'s query (``data`` as the client sent it) from its route's
+        upstreams, under one deadline.
 
         Error handling: never raises but Cancelled. Upstream failure or timeout → SERVFAIL; a
         bug → SERVFAIL, logged with its traceback.
         """
+        query, target = pending
         try:
             # One deadline covers the cache's coalescing, pool checkout, connect, handshake,
             # send and receive, retries and failover included.
             with trio.move_on_after(self._timeout):
-                return await self._resolver.resolve(data, query, udp=udp)
+                return await self._resolver.resolve(data, query, udp=udp, target=target)
             self._stats.timeouts += 1
             log.debug("no answer within %g s", self._timeout)
         except UpstreamError as exc:

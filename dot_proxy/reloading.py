@@ -7,8 +7,10 @@ checked whole. A file that does not read or check is logged in one line and coun
 
 Settings that the running process cannot take are logged as needing a restart and left as
 they were: the sockets are bound (``listen``, ``port``, ``metrics``), the workers forked
-(``workers``), the user dropped to (``user``, and ``ca-file``, read before the drop), and the
-in-flight and TCP-client limits are semaphores with slots taken. Everything else is applied
+(``workers``), the user dropped to (``user``, and ``ca-file``, read before the drop), the
+in-flight and TCP-client limits are semaphores with slots taken, and the split-DNS zones and
+router are built at the start (``forward``, ``hosts``, ``no-local-zones``; the hosts file's
+content is re-read on every SIGHUP). Everything else is applied
 by :meth:`dot_proxy.serve.running.Running.apply`, and the log level and format here.
 """
 
@@ -43,6 +45,11 @@ RESTART_ONLY: Final = {
     "max_in_flight": "max-in-flight",
     "max_tcp_clients": "max-tcp-clients",
     "config_file": "config",
+    # Split DNS: the zones' upstream groups and the router are built at the start. (The hosts
+    # file's content is re-read on SIGHUP and on change; its name is kept.)
+    "forward": "forward",
+    "hosts_file": "hosts",
+    "local_zones": "no-local-zones",
 }
 Rebuild = Callable[[Config], Config]
 
@@ -70,7 +77,8 @@ async def reload(running: Running, rebuild: Rebuild) -> bool:
     """One reload of ``running`` with ``rebuild(running.config)``; True if it was applied."""
     old = running.config
     if old.config_file is None:
-        log.warning("SIGHUP: there is no --config file to re-read; nothing changed")
+        if old.hosts_file is None:
+            log.warning("SIGHUP: there is no --config file to re-read; nothing changed")
         return False
     try:
         new = rebuild(old)
@@ -92,7 +100,11 @@ async def reload(running: Running, rebuild: Rebuild) -> bool:
 
 
 async def reload_on_sighup(running: Running, rebuild: Rebuild) -> None:
-    """Reload ``running`` on every SIGHUP, one reload at a time, until cancelled."""
+    """Reload ``running`` on every SIGHUP, one reload at a time, until cancelled: the config
+    file, then the hosts file (``--hosts``), which is also re-read whenever it changes."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
             await reload(running, rebuild)
+            if running.config.hosts_file is not None:
+                log.info("SIGHUP: re-reading the hosts file")
+                await running.resolver.routes.reload_hosts()

@@ -14,9 +14,12 @@ cache on (``--cache-size`` > 0):
   after a failed refresh gets it at once for the failure recheck time (30 s).
 
 With the cache off every query goes to the upstreams as it comes, as a plain forwarder. Either
-way the resolver also makes the query's wire form for the encrypted hop (padding, RFC 8467)
-and turns the upstream's answer back into the client's: padding stripped, its ID and question,
-cut to its UDP size (RFC 1035 §4.2.1, RFC 6891 §6.2.5).
+way a query goes to the upstream group its route names (:mod:`dot_proxy.routing`: the default
+one, or a ``--forward`` zone's), and the resolver makes its wire form for that hop: the
+client's EDNS Client Subnet option removed (RFC 7871 §11.1; not with ``--keep-ecs``), padded
+on an encrypted hop (RFC 8467). It turns the upstream's answer back into the client's: ECS
+and padding stripped, its ID and question, cut to its UDP size (RFC 1035 §4.2.1, RFC 6891
+§6.2.5). The cache is one for every group: its key is the question, whatever zone it is in.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Final
 
 import trio
 
 from dot_proxy.config import Config
 from dot_proxy.core.cache import AnswerCache, CachedAnswer, cache_key
+from dot_proxy.core.ecs import strip_ecs
 from dot_proxy.core.edns import pad_query, strip_padding
+from dot_proxy.core.local_zones import Forward
 from dot_proxy.core.message import HEADER_SIZE, Query, Rcode, truncate_for_udp
 from dot_proxy.errors import UpstreamError, fresh
-from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
+from dot_proxy.routing import Routes, Target, open_targets, start_routes
+from dot_proxy.upstream.group import UpstreamGroup
 
 __all__ = ["Resolver", "cache_for", "open_resolver"]
 
@@ -90,7 +97,11 @@ class _Flight:
 
 
 class Resolver:
-    """Answers queries from the cache or the upstream group (see the module's docstring).
+    """Answers queries from the cache or the upstream groups (see the module's docstring).
+
+    ``group`` is the default upstream group; ``routes`` says which group a query goes to, or
+    that it is answered here (by default: the built-in local zones and the hosts file that
+    ``config`` names, everything else to ``group``).
 
     Resource handling: background refreshes run in ``nursery`` (see :func:`open_resolver`),
     each under its own deadline of ``--timeout``; nothing here outlives it.
@@ -102,10 +113,13 @@ class Resolver:
         config: Config,
         nursery: trio.Nursery,
         cache: AnswerCache | None,
+        *,
+        routes: Routes | None = None,
     ) -> None:
         self._nursery = nursery
         self._flights: dict[bytes, _Flight] = {}
         self._refreshes = 0
+        self.routes = routes or Routes(config, Target(group), cache=cache, hosts=config.hosts_table)
         self.reconfigure(config, group, cache)
 
     def reconfigure(self, config: Config, group: UpstreamGroup, cache: AnswerCache | None) -> None:
@@ -113,7 +127,13 @@ class Resolver:
         queries already under way finish with what they started with."""
         self.group = group
         self.cache = cache
+        # Names outside every --forward zone go to the new group (the router holds the target,
+        # not the group); newly listed hosts names are dropped from the cache in use.
+        self.routes.default.group = group
+        self.routes.cache = cache
         self._padding = config.padding
+        # RFC 7871 §11.1: a client's subnet is removed on the way out unless --keep-ecs.
+        self._strip_ecs = not config.keep_ecs
         self._timeout = config.timeout
         # RFC 8767's timer, or less when --timeout is shorter, so that the stale answer still
         # goes out within the query's own deadline.
@@ -153,7 +173,7 @@ class Resolver:
         cache = self.cache
         if cache is None:
             return None
-        key = cache_key(query)
+        key = cache_key(query, ecs_stripped=self._strip_ecs)
         if key is None:
             return None
         entry = cache.get(key, now)
@@ -161,7 +181,9 @@ class Resolver:
             return None
         cache.hits += 1
         if now >= entry.prefetch_at and not entry.refreshing:
-            self._start_refresh(key, data, query, entry)
+            route = self.routes.route(query.question_key)
+            if isinstance(route, Forward):
+                self._start_refresh(key, data, query, entry, route.target)
         answer = entry.for_client(query, now)
         if udp:
             answer = truncate_for_udp(answer, query.udp_limit)
@@ -173,22 +195,24 @@ class Resolver:
 
     # --- the task path -------------------------------------------------------------------
 
-    async def resolve(self, data: bytes, query: Query, *, udp: bool) -> bytes:
+    async def resolve(
+        self, data: bytes, query: Query, *, udp: bool, target: Target | None = None
+    ) -> bytes:
         """The answer to ``query`` as its client must see it (its ID and question, and cut to
-        its UDP size when ``udp``).
+        its UDP size when ``udp``), from ``target``'s upstreams (by default the default ones).
 
         Runs under the caller's deadline. Error handling: raises :class:`UpstreamError` when
         the upstreams failed and no stale answer may stand in; an upstream's SERVFAIL or
         REFUSED answer is returned as it came (never stored).
         """
-        answer = await self._resolve(data, query)
+        answer = await self._resolve(data, query, target or self.routes.default)
         return truncate_for_udp(answer, query.udp_limit) if udp else answer
 
-    async def _resolve(self, data: bytes, query: Query) -> bytes:
+    async def _resolve(self, data: bytes, query: Query, target: Target) -> bytes:
         cache = self.cache
-        key = None if cache is None else cache_key(query)
+        key = None if cache is None else cache_key(query, ecs_stripped=self._strip_ecs)
         if cache is None or key is None:
-            return self._for_client(await self._ask_upstreams(data, query), query)
+            return self._for_client(await self._ask_upstreams(data, query, target), query)
         cache.misses += 1
         while True:
             now = trio.current_time()
@@ -196,10 +220,10 @@ class Resolver:
             if entry is not None:
                 if now < entry.expires:  # stored while this query waited for its task
                     return entry.for_client(query, now)
-                return await self._stale_or_fresh(key, entry, data, query)
+                return await self._stale_or_fresh(key, entry, data, query, target)
             flight = self._flights.get(key)
             if flight is None:
-                return await self._lead(key, data, query, cache)
+                return await self._lead(key, data, query, target)
             await flight.done.wait()
             if flight.error is not None:
                 raise fresh(flight.error)
@@ -208,10 +232,11 @@ class Resolver:
             # The query that asked was cancelled (its client left): ask again, if there is
             # time left in this query's own deadline.
 
-    async def _lead(self, key: bytes, data: bytes, query: Query, cache: AnswerCache) -> bytes:
+    async def _lead(self, key: bytes, data: bytes, query: Query, target: Target) -> bytes:
         flight = self._flights[key] = _Flight()
+        generation = self.routes.generation
         try:
-            answer = await self._ask_upstreams(data, query)
+            answer = await self._ask_upstreams(data, query, target)
         except UpstreamError as exc:
             flight.fail(exc)
             raise
@@ -221,19 +246,19 @@ class Resolver:
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
-        entry = cache.put(key, answer, HEADER_SIZE + len(query.question), trio.current_time())
+        entry = self._store(key, answer, query, generation)
         flight.finish(answer, entry)
         return self._for_client(answer, query)
 
     async def _stale_or_fresh(
-        self, key: bytes, entry: CachedAnswer, data: bytes, query: Query
+        self, key: bytes, entry: CachedAnswer, data: bytes, query: Query, target: Target
     ) -> bytes:
         # RFC 8767: ask the upstreams, but give the client the stale answer when they fail or
         # have not answered within the client response timer; the refresh goes on regardless.
         now = trio.current_time()
         flight = self._flights.get(key)
         if flight is None and now >= entry.retry_at:
-            flight = self._start_refresh(key, data, query, entry)
+            flight = self._start_refresh(key, data, query, entry, target)
         if flight is not None:
             with trio.move_on_after(self._stale_after):
                 await flight.done.wait()
@@ -244,7 +269,7 @@ class Resolver:
         return entry.for_client(query, trio.current_time(), stale=True)
 
     def _start_refresh(
-        self, key: bytes, data: bytes, query: Query, entry: CachedAnswer
+        self, key: bytes, data: bytes, query: Query, entry: CachedAnswer, target: Target
     ) -> _Flight | None:
         """Refresh ``key`` in the background; the flight to wait on, or None if at the bound."""
         if self._refreshes >= MAX_REFRESHES or key in self._flights:
@@ -252,19 +277,27 @@ class Resolver:
         flight = self._flights[key] = _Flight()
         entry.refreshing = True
         self._refreshes += 1
-        self._nursery.start_soon(self._refresh, key, data, query, entry, flight)
+        refresh = partial(
+            self._refresh, key, data, query, target=target, entry=entry, flight=flight
+        )
+        self._nursery.start_soon(refresh)
         return flight
 
     async def _refresh(
-        self, key: bytes, data: bytes, query: Query, entry: CachedAnswer, flight: _Flight
+        self,
+        key: bytes,
+        data: bytes,
+        query: Query,
+        *,
+        target: Target,
+        entry: CachedAnswer,
+        flight: _Flight,
     ) -> None:
+        generation = self.routes.generation
         try:
             with trio.move_on_after(self._timeout):
-                answer = await self._ask_upstreams(data, query)
-                stored = None
-                if self.cache is not None:
-                    now = trio.current_time()
-                    stored = self.cache.put(key, answer, HEADER_SIZE + len(query.question), now)
+                answer = await self._ask_upstreams(data, query, target)
+                stored = self._store(key, answer, query, generation)
                 if stored is None and answer[3] & 0x0F in _SOFT_FAILURES:
                     entry.retry_at = trio.current_time() + FAILURE_RECHECK
                 flight.finish(answer, stored)
@@ -285,11 +318,26 @@ class Resolver:
 
     # --- the wire between the client and the upstreams ------------------------------------
 
-    async def _ask_upstreams(self, data: bytes, query: Query) -> bytes:
-        if self._padding:
-            # RFC 8467 §4.1: padded on the encrypted hop.
+    def _store(
+        self, key: bytes, answer: bytes, query: Query, generation: int
+    ) -> CachedAnswer | None:
+        """Keep an upstream's answer if the cache may; not if the hosts file was read again
+        since it was asked for (the name may be the file's now, and the file answers it)."""
+        if self.cache is None or generation != self.routes.generation:
+            return None
+        now = trio.current_time()
+        return self.cache.put(key, answer, HEADER_SIZE + len(query.question), now)
+
+    async def _ask_upstreams(self, data: bytes, query: Query, target: Target) -> bytes:
+        if self._strip_ecs:
+            data = strip_ecs(data)
+        if self._padding and target.encrypted:
+            # RFC 8467 §4.1: padded on the encrypted hop (never to a plain: resolver).
             data = pad_query(data, question_end=HEADER_SIZE + len(query.question))[0]
-        return await self.group.resolve(data, query.question_key)
+        answer = await target.group.resolve(data, query.question_key)
+        # RFC 7871 §7.2.1: an answer's ECS option is about the query that carried one (ours,
+        # if any), not the client's.
+        return strip_ecs(answer) if self._strip_ecs else answer
 
     def _from_flight(self, flight: _Flight, query: Query) -> bytes:
         if flight.entry is not None:
@@ -318,14 +366,19 @@ class Resolver:
 
 @asynccontextmanager
 async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
-    """Open the upstream group and a resolver over it, with the cache ``config`` asks for.
+    """Open the upstream groups (the default one and one per ``--forward`` zone) and a
+    resolver over them, with the cache ``config`` asks for, the built-in local zones and the
+    hosts file (read now unless ``config`` holds its table already, then watched for changes).
 
-    Resource handling: the background refreshes' nursery is cancelled on exit, before the
-    upstreams close.
+    Error handling: raises :class:`~dot_proxy.errors.ConfigError` when the hosts file must be
+    read now and cannot be. Resource handling: the background refreshes' nursery (and the
+    hosts file's watch) is cancelled on exit, before the upstreams close.
     """
-    async with open_upstream_group(config) as group, trio.open_nursery() as nursery:
+    cache = cache_for(config)
+    async with open_targets(config) as (default, forwards), trio.open_nursery() as nursery:
+        routes = await start_routes(config, default, forwards, cache=cache, nursery=nursery)
         try:
-            yield Resolver(group, config, nursery, cache_for(config))
+            yield Resolver(default.group, config, nursery, cache, routes=routes)
         finally:
             nursery.cancel_scope.cancel()
 

@@ -19,10 +19,13 @@ from dot_proxy.config import (
     Config,
     flag,
     parse_allow,
+    parse_forward,
     parse_listen_address,
     parse_metrics_address,
     parse_upstream,
+    read_hosts,
 )
+from dot_proxy.core.hosts import HostsProblem, HostsTable
 from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
 from dot_proxy.upstream.tls import make_ssl_context
@@ -36,11 +39,19 @@ T = TypeVar("T")
 
 def settings(value: Lookup, *, read_ca: bool = True) -> Config:
     """The Config ``value`` finds (defaults for the rest), validated; ``read_ca=False``
-    leaves the CA file unread."""
+    leaves the CA file and the hosts file unread (a reload: the running proxy keeps its
+    readings, and re-reads the hosts file itself)."""
     ca_file = value.one("ca-file", str, None)
     ca_data = None
     if ca_file is not None and read_ca:
         ca_data = _read_ca_file(ca_file, value.where("ca-file"))
+    hosts_file = value.one("hosts", str, None)
+    hosts_table: HostsTable | None = None
+    hosts_problems: list[HostsProblem] = []
+    if hosts_file is not None and read_ca:
+        # Read now, as the CA file is (before --user): unreadable exits 2 here; its bad lines
+        # are logged when serving starts.
+        hosts_table, hosts_problems = read_hosts(hosts_file, where=value.where("hosts"))
     log_level = value.one("log-level", str.upper, "INFO")
     if log_level not in LOG_LEVELS:
         raise ConfigError(
@@ -51,6 +62,7 @@ def settings(value: Lookup, *, read_ca: bool = True) -> Config:
     listen = value.many("listen", list(defaults.listen))
     allow = value.many("allow", list(defaults.allow))
     metrics = value.one("metrics", str, None)
+    forwards = value.many("forward", [])
     return Config(
         upstreams=tuple(parse_upstream(text, where=value.where("upstream")) for text in upstreams),
         listen=tuple(parse_listen_address(text, where=value.where("listen")) for text in listen),
@@ -82,6 +94,12 @@ def settings(value: Lookup, *, read_ca: bool = True) -> Config:
         if metrics is None
         else parse_metrics_address(metrics, where=value.where("metrics")),
         log_format=value.one("log-format", str.lower, defaults.log_format),
+        forward=tuple(parse_forward(text, where=value.where("forward")) for text in forwards),
+        hosts_file=hosts_file,
+        hosts_table=hosts_table,
+        hosts_problems=tuple(hosts_problems),
+        local_zones=not value.one("no-local-zones", _boolean, False),
+        keep_ecs=value.one("keep-ecs", _boolean, False),
         origins=MappingProxyType(value.origins),
     )
 

@@ -6,12 +6,15 @@ does: answer, hang, close mid-frame, send a wrong ID, and so on.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.flags
 import dns.message
 import dns.rrset
 import pytest
@@ -19,7 +22,7 @@ import trio
 import trio.testing
 import trustme
 
-from dot_proxy.config import Config, UpstreamSpec, parse_upstream
+from dot_proxy.config import Config, PlainSpec, UpstreamSpec, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.core.message import parse_query
 from dot_proxy.errors import UpstreamConnectError
@@ -110,6 +113,7 @@ class FakeUpstream:
         self.received_bytes: list[bytes] = []
         self.connections = 0
         self.handshakes = 0
+        self.session_reused: list[bool] = []  # per handshake: whether it resumed a session
         self.port = 0
         self.query_arrived = trio.lowlevel.ParkingLot()
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -145,6 +149,7 @@ class FakeUpstream:
             await trio.aclose_forcefully(tcp)
             return
         self.handshakes += 1
+        self.session_reused.append(stream.session_reused)
         try:
             await self.behaviour(UpstreamConnection(stream, self))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -372,6 +377,87 @@ async def answer_twice(connection: UpstreamConnection) -> None:
     while (query := await connection.receive_query()) is not None:
         await connection.send(answer_for(query))
         await connection.send(answer_for(query))
+
+
+# --- A cleartext DNS server (the plain: transport, tests/test_plain.py, tests/test_split_dns.py)
+
+
+Address = tuple[str, int]
+UdpBehaviour = Callable[["FakePlainServer", bytes, Address], Awaitable[None]]
+TcpBehaviour = Callable[["FakePlainServer", trio.SocketStream], Awaitable[None]]
+
+
+async def answer_udp(server: FakePlainServer, query: bytes, source: Address) -> None:
+    await server.udp.sendto(answer_for(query), source)
+
+
+async def truncate(server: FakePlainServer, query: bytes, source: Address) -> None:
+    """Answer over UDP with TC set and no records: ask again over TCP."""
+    response = dns.message.make_response(dns.message.from_wire(query))
+    response.flags |= dns.flags.TC
+    await server.udp.sendto(response.to_wire(), source)
+
+
+async def answer_tcp(server: FakePlainServer, stream: trio.SocketStream) -> None:
+    decoder = FrameDecoder()
+    while data := await stream.receive_some(65536):
+        decoder.feed(data)
+        while (query := decoder.next_message()) is not NEED_DATA:
+            server.tcp_queries.append(query)
+            await stream.send_all(frame(answer_for(query)))
+
+
+class FakePlainServer:
+    """A cleartext DNS server on 127.0.0.1, UDP and TCP on one kernel-chosen port."""
+
+    def __init__(self, udp: UdpBehaviour = answer_udp, tcp: TcpBehaviour = answer_tcp) -> None:
+        self.udp_behaviour = udp
+        self.tcp_behaviour = tcp
+        self.udp_queries: list[tuple[bytes, Address]] = []
+        self.tcp_queries: list[bytes] = []
+        self.udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.port = 0
+
+    @property
+    def spec(self) -> PlainSpec:
+        return PlainSpec("127.0.0.1", self.port)
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        tcp = await self._bind()
+        task_status.started(self.port)
+        with self.udp, tcp:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_udp)
+                listener = trio.SocketListener(tcp)
+                nursery.start_soon(trio.serve_listeners, self._serve_tcp, [listener])
+
+    async def _bind(self) -> trio.socket.SocketType:
+        # The kernel picks the UDP port; TCP takes the same one (tried again if it is busy).
+        for _ in range(20):
+            await self.udp.bind(("127.0.0.1", 0))
+            self.port = self.udp.getsockname()[1]
+            tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                await tcp.bind(("127.0.0.1", self.port))
+            except OSError:
+                tcp.close()
+                self.udp.close()
+                self.udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                continue
+            tcp.listen(16)
+            return tcp
+        raise AssertionError("no port free for both UDP and TCP")
+
+    async def _serve_udp(self) -> None:
+        while True:
+            data, source = await self.udp.recvfrom(65536)
+            self.udp_queries.append((data, source))
+            await self.udp_behaviour(self, data, source)
+
+    async def _serve_tcp(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await self.tcp_behaviour(self, stream)
 
 
 # --- Driving the upstream pool directly (tests/test_upstream_*.py) ------------------------------

@@ -161,6 +161,19 @@ def test_a_query_with_client_subnet_bypasses_the_cache() -> None:
     assert cache_key(parsed(query(options=[ecs]))[1]) is None
 
 
+def test_with_client_subnet_stripped_a_query_shares_the_entry_of_one_without() -> None:
+    # What the proxy does by default (RFC 7871 §11.1): the option never leaves, so the answer
+    # is everyone's, cached under the same key as the question asked without it.
+    ecs = dns.edns.ECSOption("192.0.2.0", 24)
+    cookie = dns.edns.CookieOption(b"\x01" * 8, b"")
+    plain = cache_key(parsed(query())[1])
+    assert plain is not None
+    assert cache_key(parsed(query(options=[ecs]))[1], ecs_stripped=True) == plain
+    assert cache_key(parsed(query(options=[cookie, ecs]))[1], ecs_stripped=True) == plain
+    dnssec = parsed(query(options=[ecs], dnssec=True))[1]
+    assert cache_key(dnssec, ecs_stripped=True) == cache_key(parsed(query(dnssec=True))[1])
+
+
 def test_other_options_do_not_change_the_key() -> None:
     cookie = dns.edns.CookieOption(b"\x01" * 8, b"")
     assert cache_key(parsed(query(options=[cookie]))[1]) == cache_key(parsed(query())[1])
@@ -171,6 +184,7 @@ def test_unreadable_options_bypass_the_cache() -> None:
     # The OPT record claims 4 bytes of options holding an option header that overruns them.
     broken = wire[:-2] + struct.pack("!H", 4) + struct.pack("!HH", 10, 20)
     assert cache_key(parse_query(broken)) is None
+    assert cache_key(parse_query(broken), ecs_stripped=True) is None
 
 
 # --- what is kept ----------------------------------------------------------------------------
@@ -471,14 +485,20 @@ def test_keys_of_names_differing_only_in_case_are_equal(name: dns.name.Name) -> 
 # --- the store -------------------------------------------------------------------------------
 
 
-def put(cache: AnswerCache, name: str, now: float = 0.0, ttl: int = 300) -> bytes:
-    message = query(name)
+def put(
+    cache: AnswerCache,
+    name: str,
+    now: float = 0.0,
+    ttl: int = 300,
+    *,
+    record: str = "A 192.0.2.1",
+    dnssec: bool = False,
+) -> bytes:
+    message = query(name, record.split(maxsplit=1)[0], dnssec=dnssec)
     q = parsed(message)[1]
     key = cache_key(q)
     assert key is not None
-    assert cache.put(
-        key, answer_to(message, "A 192.0.2.1", ttl=ttl), HEADER_SIZE + len(q.question), now
-    )
+    assert cache.put(key, answer_to(message, record, ttl=ttl), HEADER_SIZE + len(q.question), now)
     return key
 
 
@@ -536,3 +556,18 @@ def test_the_size_bound_holds_under_many_names() -> None:
         put(cache, f"n{index}.example.")
     assert len(cache) == 50
     assert cache.evictions == 450
+
+
+def test_drop_names_drops_every_answer_for_those_names_and_only_those() -> None:
+    cache = AnswerCache(size=50)
+    kept = put(cache, "printer.example.")
+    doomed = [
+        put(cache, "nas.example."),
+        put(cache, "NAS.example.", record="AAAA 2001:db8::1"),
+        put(cache, "nas.example.", dnssec=True),
+    ]
+    entries = [cache.get(key, 1.0) for key in doomed]
+    assert cache.drop_names({dns.name.from_text("nas.example.").to_wire()}) == 3
+    assert cache.get(kept, 1.0) is not None
+    assert all(cache.get(key, 1.0) is None for key in doomed)
+    assert all(entry is not None and entry.gone for entry in entries)

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
+import os
 import re
 import signal
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import dns.message
 import dns.rcode
 import pytest
+import trio
+import trio.testing
 
 from dot_proxy import cli
 from dot_proxy.cli import build_config
-from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.config import Config, UpstreamSpec, parse_upstream
 from dot_proxy.errors import ConfigError
+from dot_proxy.reloading import reload_on_sighup
+from dot_proxy.routing import Routes, Target
 from dot_proxy.serve import sockets
+from dot_proxy.serve.running import Running
+from dot_proxy.upstream.group import UpstreamGroup
 from tests.processes import HANG_GUARD, ROOT, Proxy, run_dot_proxy
 
 # --- build_config ------------------------------------------------------------------------------
@@ -498,3 +508,41 @@ def test_the_collector_is_set_up_before_serving(monkeypatch: pytest.MonkeyPatch)
     frozen, thresholds = when_serving[0]
     assert frozen > 0
     assert thresholds == cli.GC_THRESHOLDS
+
+
+def _running(config: Config, routes: Routes | None) -> Running:
+    # What reload_on_sighup reads of a Running: its config and its resolver's routes.
+    return cast(Running, SimpleNamespace(config=config, resolver=SimpleNamespace(routes=routes)))
+
+
+async def test_sighup_re_reads_the_hosts_file(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.168.1.10 printer.lan\n")
+    config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),), hosts_file=str(hosts))
+    routes = Routes(config, Target(cast(UpstreamGroup, None)))
+    nursery.start_soon(reload_on_sighup, _running(config, routes), lambda old: old)
+    await trio.testing.wait_all_tasks_blocked()
+    with caplog.at_level(logging.INFO):
+        for generation in (1, 2):
+            os.kill(os.getpid(), signal.SIGHUP)
+            with trio.fail_after(HANG_GUARD):
+                while routes.generation < generation:  # noqa: ASYNC110 (nothing to wait on)
+                    await trio.sleep(0.01)
+    assert "SIGHUP: re-reading the hosts file" in caplog.text
+    # No --config file: with a hosts file, SIGHUP has something to do, and says nothing else.
+    assert "no --config file" not in caplog.text
+
+
+async def test_sighup_without_a_hosts_or_config_file_is_logged_and_harmless(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = Config(upstreams=(parse_upstream("127.0.0.1:853#dns.test"),))
+    nursery.start_soon(reload_on_sighup, _running(config, None), lambda old: old)
+    await trio.testing.wait_all_tasks_blocked()
+    with caplog.at_level(logging.INFO, logger="dot_proxy"):
+        os.kill(os.getpid(), signal.SIGHUP)
+        with trio.fail_after(HANG_GUARD):
+            while "nothing changed" not in caplog.text:  # noqa: ASYNC110
+                await trio.sleep(0.01)

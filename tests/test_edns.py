@@ -22,7 +22,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from dot_proxy.core.edns import OPTION_PADDING, QUERY_BLOCK, _layout, pad_query, strip_padding
+from dot_proxy.core.edns import (
+    OPTION_PADDING,
+    QUERY_BLOCK,
+    message_layout,
+    pad_query,
+    strip_padding,
+)
 from dot_proxy.core.message import (
     Rcode,
     answer_question_key,
@@ -493,15 +499,15 @@ def reference_layout(wire: bytes) -> tuple[int, tuple[int, int] | None, bool]:
 @SOME
 @given(st.one_of(st.binary(max_size=300), mangled(answers().map(lambda built: built[1]))))
 def test_fast_record_walk_agrees_with_the_plain_one(data: bytes) -> None:
-    # _layout skips the usual owner names inline (it runs on every answer): it must accept,
+    # message_layout skips the usual owner names inline (it runs on every answer): it must accept,
     # reject and locate exactly as the walk built from the wire module's helpers does.
     try:
         expected = reference_layout(data)
     except WireError:
         with pytest.raises(WireError):
-            _layout(data)
+            message_layout(data)
         return
-    assert tuple(_layout(data)) == expected
+    assert tuple(message_layout(data)) == expected
 
 
 # --- strip_padding: examples -----------------------------------------------------------------

@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("dot_proxy.serve",),
     ("dot_proxy.handler",),
-    ("dot_proxy.resolver",),
+    ("dot_proxy.resolver", "dot_proxy.routing"),
     ("dot_proxy.upstream",),
     ("dot_proxy.config", "dot_proxy.config_file"),
     ("dot_proxy.core",),

@@ -215,3 +215,45 @@ async def test_sighup_without_a_config_file_changes_nothing(
     assert not await reload(proxy.running, lambda old: old)
     assert proxy.running.config is config
     assert proxy.running.reloads == {"success": 0, "error": 0}
+
+
+async def test_a_reload_gives_each_forward_zone_a_new_group_and_keeps_its_zones(
+    start_upstream: StartUpstream,
+    start_ops_proxy: StartOpsProxy,
+    ca_file: str,
+    tmp_path: Path,
+    clock: trio.testing.MockClock,
+    hang_guard: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    default, corp, other = await start_upstream(), await start_upstream(), await start_upstream()
+    path = tmp_path / "dot-proxy.toml"
+    zone = f'forward = ["corp.example={corp.spec}"]\n'
+    proxy, argv = await start_from_file(
+        start_ops_proxy, path, config_text([default], ca_file, zone)
+    )
+    routes = proxy.running.resolver.routes
+    [target] = routes.forwards.values()
+    old_zone_group = target.group
+    await udp_exchange(proxy.port, query("a.corp.example.").to_wire())
+    assert len(corp.queries) == 1
+    # An upstream setting changed: the zone gets a new group too; the zone itself stays.
+    path.write_text(config_text([default], ca_file, zone + "timeout = 4\n"))
+    assert await reload_now(proxy, argv)
+    assert target.group is not old_zone_group
+    assert routes.default.group is proxy.running.resolver.group
+    await udp_exchange(proxy.port, query("b.corp.example.").to_wire())
+    await udp_exchange(proxy.port, query("www.example.com.").to_wire())
+    assert len(corp.queries) == 2
+    assert len(default.queries) == 1
+    await trio.sleep(5.1)
+    assert old_zone_group not in proxy.running.groups
+    assert target.group in proxy.running.groups
+    # Another zone layout takes a restart: logged, and the running one kept.
+    path.write_text(config_text([default], ca_file, f'forward = ["corp.example={other.spec}"]\n'))
+    with caplog.at_level(logging.WARNING):
+        assert await reload_now(proxy, argv)
+    assert "forward changed, which takes a restart" in caplog.text
+    await udp_exchange(proxy.port, query("c.corp.example.").to_wire())
+    assert len(corp.queries) == 3
+    assert not other.queries

@@ -59,8 +59,9 @@ def _client_query_with_edns() -> dns.message.Message:
 async def test_edns_options_and_do_bit_reach_the_upstream_untouched(
     hang_guard: None, start_upstream: StartUpstream, start_proxy: StartProxy, exchange: object
 ) -> None:
+    # --keep-ecs: the client's subnet goes too (by default it is removed: tests/test_split_dns.py).
     upstream = await start_upstream()
-    proxy = await start_proxy([upstream], padding=False)
+    proxy = await start_proxy([upstream], padding=False, keep_ecs=True)
     request = _client_query_with_edns()
     wire = request.to_wire()
     reply = await exchange(proxy.port, wire)  # type: ignore[operator]
@@ -80,7 +81,7 @@ async def test_with_padding_the_client_edns_options_and_do_bit_still_pass_throug
 ) -> None:
     # Padding (RFC 8467) adds an option for the TLS hop; everything the client sent is kept.
     upstream = await start_upstream()
-    proxy = await start_proxy([upstream], padding=True)
+    proxy = await start_proxy([upstream], padding=True, keep_ecs=True)
     request = _client_query_with_edns()
     reply = await exchange(proxy.port, request.to_wire())  # type: ignore[operator]
     assert dns.message.from_wire(reply).id == request.id

@@ -152,6 +152,38 @@ def _answered_by(proxy: Proxy, pid: int, port: int) -> bool:
     return any(f"[{pid}] dot_proxy.handler: upstream failed" in line for line in proxy.stderr)
 
 
+def test_sighup_to_the_supervisor_reaches_every_worker(
+    refusing_upstream: str, tmp_path: Path
+) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("192.168.1.10 printer.lan\n")
+    proxy = Proxy(
+        *("--listen", "127.0.0.1", "--port", "0", "--workers", "2"),
+        *("--upstream", refusing_upstream, "--hosts", str(hosts)),
+    )
+    try:
+        proxy.wait_for_port()
+        workers = children_of(proxy.process.pid)
+        assert len(workers) == 2
+
+        def logged(text: str) -> bool:
+            proxy.read_available()
+            lines = "".join(proxy.stderr)
+            return all(f"[{pid}] dot_proxy{text}" in lines for pid in workers)
+
+        # Each worker takes SIGHUP once it serves (until then it ignores it).
+        wait_until(lambda: logged(".serve.server: listening on tcp"), "a worker did not start")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: logged(f".routing: hosts file {hosts} re-read"), "no re-read")
+        assert logged(": SIGHUP: re-reading the hosts file")
+        assert all(running(pid) for pid in workers)
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.finish() == 0
+    finally:
+        proxy.kill()
+    assert "Traceback" not in "".join(proxy.stderr)
+
+
 def test_crashes_that_keep_coming_stop_the_proxy_with_exit_1(
     two_workers: tuple[Proxy, int],
 ) -> None:

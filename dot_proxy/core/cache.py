@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Final
 
+from dot_proxy.core.ecs import has_ecs
 from dot_proxy.core.edns import option_spans
 from dot_proxy.core.message import (
     EDNS_DO,
@@ -53,8 +55,6 @@ __all__ = [
 DEFAULT_CACHE_SIZE: Final = 10_000
 #: RFC 8767 §4: the TTL of an answer served stale (30 s recommended).
 STALE_TTL: Final = 30
-#: RFC 7871: EDNS Client Subnet. An answer tailored to one client's network is not shared.
-OPTION_ECS: Final = 8
 #: RFC 8914 §4.4: Extended DNS Error 3, "Stale Answer", told to EDNS clients served stale.
 _EDE_STALE: Final = struct.pack("!HHH", 15, 2, 3)
 
@@ -67,21 +67,26 @@ _TTL_CAP: Final = 604_800
 _TTL = struct.Struct("!I")
 # The key's last byte: DO and CD, the two query bits that change an answer's content.
 _KEY_SUFFIX: Final = (b"\x00", b"\x01", b"\x02", b"\x03")
+# A key is the question name, type (2 bytes), class (2) and that byte.
+_NAME_END: Final = -5
 
 
-def cache_key(query: Query) -> bytes | None:
+def cache_key(query: Query, *, ecs_stripped: bool = False) -> bytes | None:
     """The key ``query`` is cached under, or ``None`` when it must bypass the cache.
 
     The question name compared case-insensitively, type and class (``Query.question_key``),
     and the DO and CD bits: we do not validate DNSSEC, so an answer with RRSIGs (DO=1) or one
     the upstream did not validate (CD=1) is not given to a query that asked otherwise. Whether
     the client sent an OPT record at all is not part of it (the OPT is rebuilt per client). A
-    query with an EDNS Client Subnet option, or options that cannot be read, bypasses it.
+    query whose options cannot be read bypasses it, and so does one with an EDNS Client Subnet
+    option (RFC 7871 §7.3: its answer is tailored to that network) unless ``ecs_stripped``:
+    the option is removed before the query goes upstream (:mod:`dot_proxy.core.ecs`), so the
+    answer is everyone's and the query shares the entry of the same question without ECS.
     """
     opt = query.opt
     if opt is None:
         return query.question_key + _KEY_SUFFIX[1 if query.flags & FLAG_CD else 0]
-    if len(opt) > _OPT_FIXED and _has_ecs_or_junk(opt[_OPT_FIXED:]):
+    if len(opt) > _OPT_FIXED and _bypasses(opt[_OPT_FIXED:], ecs_stripped=ecs_stripped):
         return None
     do = 2 if ((opt[7] << 8) | opt[8]) & EDNS_DO else 0
     return query.question_key + _KEY_SUFFIX[do | (1 if query.flags & FLAG_CD else 0)]
@@ -91,11 +96,14 @@ def cache_key(query: Query) -> bytes | None:
 _OPT_FIXED: Final = 11
 
 
-def _has_ecs_or_junk(rdata: bytes) -> bool:
+def _bypasses(rdata: bytes, *, ecs_stripped: bool) -> bool:
+    if not ecs_stripped:
+        return has_ecs(rdata)
     try:
-        return any(code == OPTION_ECS for code, _, _ in option_spans(rdata))
+        option_spans(rdata)
     except WireError:
         return True
+    return False
 
 
 def _client_opt(dnssec_ok: bool, *, stale: bool) -> bytes:
@@ -293,7 +301,7 @@ def _walk(answer: bytes, offset: int, ancount: int, nscount: int, arcount: int) 
                 # RFC 6891 §6.1.3: the TTL field holds the extended RCODE (upper 8 bits).
                 if opt is not None or answer[start] != 0 or answer[fixed + 4]:
                     return None
-                if _has_ecs_or_junk(answer[fixed + 10 : offset]):
+                if has_ecs(answer[fixed + 10 : offset]):
                     return None
                 opt = (start, offset)
                 continue
@@ -385,6 +393,15 @@ class AnswerCache:
             entries.popitem(last=False)[1].gone = True
             self.evictions += 1
         return entry
+
+    def drop_names(self, names: Collection[bytes]) -> int:
+        """Drop every answer whose question name (lower-cased wire form) is in ``names``, of
+        any type, class and DO/CD; how many went. For names that are now answered otherwise
+        (a hosts file that lists them): walks every entry, for a change that is rare."""
+        doomed = [key for key in self._entries if key[:_NAME_END] in names]
+        for key in doomed:
+            self._entries.pop(key).gone = True
+        return len(doomed)
 
     def resize(self, size: int, *, min_ttl: int, max_ttl: int, serve_stale: float) -> None:
         """New bounds (a configuration reload); entries over the new size go, oldest first."""

@@ -33,6 +33,7 @@ __all__ = [
     "OPTION_PADDING",
     "QUERY_BLOCK",
     "RESPONSE_BLOCK",
+    "message_layout",
     "option_spans",
     "pad_query",
     "strip_padding",
@@ -100,7 +101,7 @@ def pad_query(
         pad = -(end + _OPT_FIXED + _OPTION_HEADER.size) % block
         tail = _QUERY_BLOCK_TAILS[pad] if block == QUERY_BLOCK else _padding_tail(pad)
         return message[:10] + b"\x00\x01" + message[HEADER_SIZE:end] + _ADDED_OPT_FIXED + tail, True
-    records_end, opt, signed = _layout(message, question_end)
+    records_end, opt, signed = message_layout(message, question_end)
     if signed:
         return message, False
     if opt is None:
@@ -146,7 +147,7 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
     if not remove_opt and _PADDING_CODE not in answer:
         return answer
     try:
-        opt = _layout(answer, question_end)[1]
+        opt = message_layout(answer, question_end)[1]
     except WireError:
         return answer
     if opt is None:
@@ -168,7 +169,7 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
 # --- walking -------------------------------------------------------------------------------
 
 
-def _layout(message: bytes, records_from: int | None = None) -> RecordsLayout:
+def message_layout(message: bytes, records_from: int | None = None) -> RecordsLayout:
     """:func:`~dot_proxy.core.message.records_layout` of a whole message.
 
     ``records_from`` is where the question section ends, when the caller knows it already

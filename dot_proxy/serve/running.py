@@ -11,10 +11,10 @@ the new ones, never half of each:
 - the deadline into the handler and the resolver;
 - the cache keeps its answers and takes the new bounds (``AnswerCache.resize``); turned off,
   it is kept aside (its counters still count), turned on again, reused;
-- upstream settings that changed open a new upstream group with new connections, which new
-  queries use at once; queries in flight on the old group finish there (each within the old
-  deadline), and then its connections close. The old group's counters are kept
-  (:attr:`Running.retired`), so no per-upstream counter goes back.
+- upstream settings that changed open a new upstream group with new connections (and one per
+  ``--forward`` zone), which new queries use at once; queries in flight on the old groups
+  finish there (each within the old deadline), and then their connections close. The old
+  groups' counters are kept (:attr:`Running.retired`), so no per-upstream counter goes back.
 
 Settings that a running process cannot take (the sockets are bound, the workers forked, the
 user dropped to) are the caller's to refuse: see ``cli``'s reload.
@@ -27,15 +27,17 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, PlainSpec, UpstreamSpec
 from dot_proxy.core.access import AccessList, RateLimiter
 from dot_proxy.core.cache import AnswerCache
 from dot_proxy.core.metrics import Snapshot
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.resolver import Resolver, cache_for
+from dot_proxy.routing import Target, start_routes
 from dot_proxy.serve.listening import Listening
 from dot_proxy.serve.observe import upstream_counts
 from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
@@ -74,7 +76,7 @@ class Running:
         resolver: Resolver,
         stats: ServerStats,
         groups_nursery: trio.Nursery | None,
-        hosted: _Hosted | None,
+        hosted: Sequence[_Hosted] = (),
     ) -> None:
         self.config = config
         self.stats = stats
@@ -89,7 +91,7 @@ class Running:
         self.retired = Snapshot()
         self._cache = resolver.cache  # kept when a reload turns the cache off
         self._groups_nursery = groups_nursery
-        self._hosted = [hosted] if hosted is not None else []
+        self._hosted = list(hosted)  # the default group first, then the zones'
 
     @property
     def cache(self) -> AnswerCache | None:
@@ -138,13 +140,23 @@ class Running:
         connections then open on demand, and no query waits for the swap."""
         old = self.config
         group = self.resolver.group
+        zones: list[tuple[Target, UpstreamGroup]] = []
         if any(getattr(old, name) != getattr(new, name) for name in UPSTREAM_SETTINGS):
             if self._groups_nursery is None:
                 log.warning("upstream settings were not reloaded: this resolver is not ours")
             else:
                 group = await self._open_group(new)
                 self._groups_nursery.start_soon(self._retire, self.resolver.group, old.timeout)
+                # Each --forward zone's group takes the new settings too (its zone and
+                # upstreams stay: --forward takes a restart).
+                forwards = self.resolver.routes.forwards
+                for forward in new.forward:
+                    target = forwards[forward.zone]
+                    zones.append((target, await self._open_group(new, forward.targets)))
+                    self._groups_nursery.start_soon(self._retire, target.group, old.timeout)
         # From here to the end nothing awaits: queries see the old settings or the new.
+        for target, zone_group in zones:
+            target.group = zone_group
         self.config = new
         self.resolver.reconfigure(new, group, self._cache_for(new))
         self.handler.reconfigure(new)
@@ -175,9 +187,12 @@ class Running:
         )
         return cache
 
-    async def _open_group(self, config: Config) -> UpstreamGroup:
+    async def _open_group(
+        self, config: Config, specs: Sequence[UpstreamSpec | PlainSpec] | None = None
+    ) -> UpstreamGroup:
         assert self._groups_nursery is not None
-        hosted: _Hosted = await self._groups_nursery.start(_host_group, config)
+        host = partial(_host_group, config, specs=specs)
+        hosted: _Hosted = await self._groups_nursery.start(host)
         self._hosted.append(hosted)
         return hosted.group
 
@@ -195,10 +210,13 @@ class Running:
 
 
 async def _host_group(
-    config: Config, *, task_status: trio.TaskStatus[_Hosted] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    specs: Sequence[UpstreamSpec | PlainSpec] | None = None,
+    task_status: trio.TaskStatus[_Hosted] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.CancelScope() as scope:
-        async with open_upstream_group(config) as group:
+        async with open_upstream_group(config, specs=specs) as group:
             task_status.started(_Hosted(group, scope))
             await trio.sleep_forever()
 
@@ -216,15 +234,27 @@ async def open_running(
     """
     stats = stats if stats is not None else ServerStats()
     if resolver is not None:
-        yield Running(config, resolver, stats, None, None)
+        yield Running(config, resolver, stats, None)
         return
     async with trio.open_nursery() as groups:
         try:
             hosted: _Hosted = await groups.start(_host_group, config)
+            zones = [hosted]
+            forwards: dict[bytes, Target] = {}
+            for forward in config.forward:
+                zone: _Hosted = await groups.start(
+                    partial(_host_group, config, specs=forward.targets)
+                )
+                zones.append(zone)
+                forwards[forward.zone] = Target(zone.group, encrypted=not forward.cleartext)
             async with trio.open_nursery() as refreshes:
                 try:
-                    answering = Resolver(hosted.group, config, refreshes, cache_for(config))
-                    yield Running(config, answering, stats, groups, hosted)
+                    cache = cache_for(config)
+                    routes = await start_routes(
+                        config, Target(hosted.group), forwards, cache=cache, nursery=refreshes
+                    )
+                    answering = Resolver(hosted.group, config, refreshes, cache, routes=routes)
+                    yield Running(config, answering, stats, groups, zones)
                 finally:
                     refreshes.cancel_scope.cancel()
         finally:

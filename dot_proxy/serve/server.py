@@ -14,8 +14,9 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 
 import trio
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, cleartext_zones
 from dot_proxy.core.access import AccessList
+from dot_proxy.core.local_zones import BUILTIN_NXDOMAIN_ZONES
 from dot_proxy.handler import ServerStats
 from dot_proxy.resolver import Resolver
 from dot_proxy.serve.running import Running, open_running
@@ -91,6 +92,7 @@ def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
         log.info("listening on %s %s:%d", transport, shown, port)
     for spec in config.upstreams:
         log.info("forwarding over TLS to %s", spec.description)
+    _log_split_dns(config)
     log.info("clients allowed from %s", ", ".join(config.allow))
     if AccessList(config.allow).is_open:
         log.warning(
@@ -99,3 +101,23 @@ def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
         )
     if config.ratelimit:
         log.info("rate limit: %g queries/s per /24 (IPv4) or /56 (IPv6)", config.ratelimit)
+
+
+def _log_split_dns(config: Config) -> None:
+    for forward in config.forward:
+        if forward.cleartext:
+            continue  # said below, louder
+        upstreams = ", ".join(target.description for target in forward.targets)
+        log.info("forwarding %s over TLS to %s", forward.name, upstreams)
+    for warning in cleartext_zones(config):
+        log.warning("%s", warning)
+    if config.local_zones:
+        log.info(
+            "answering here, never upstream: localhost., the reverse zones of private and "
+            "special addresses, %s (RFC 6761, RFC 6303, RFC 8375)",
+            ", ".join(BUILTIN_NXDOMAIN_ZONES),
+        )
+    else:
+        log.info("built-in local zones off: localhost., private reverse zones etc. are forwarded")
+    if config.keep_ecs:
+        log.info("clients' EDNS Client Subnet options go upstream (--keep-ecs)")

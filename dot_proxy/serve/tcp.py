@@ -15,8 +15,8 @@ from typing import NoReturn
 import trio
 
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
-from dot_proxy.core.message import Query
 from dot_proxy.errors import WireError
+from dot_proxy.handler import Pending
 from dot_proxy.serve.client_writer import SocketWriter
 from dot_proxy.serve.listening import Listening, cut_off, refusal
 
@@ -241,10 +241,10 @@ async def _wait_for_slot(
 
 
 async def _answer_frame(
-    client: _ClientConnection, message: bytes, query: Query, received: float
+    client: _ClientConnection, message: bytes, pending: Pending, received: float
 ) -> None:
     try:
-        reply = await client.listening.handler.answer(message, query, udp=False)
+        reply = await client.listening.handler.answer(message, pending, udp=False)
     except trio.Cancelled:
         # The stop's grace period ended first (or the client is gone, and the write is a
         # no-op): SERVFAIL before the connection's finally closes the socket, not silence.

@@ -14,8 +14,7 @@ from typing import NoReturn
 
 import trio
 
-from dot_proxy.core.message import Query
-from dot_proxy.handler import ServerStats
+from dot_proxy.handler import Pending, ServerStats
 from dot_proxy.serve.listening import Listening, cut_off, refusal
 
 __all__ = ["serve_udp"]
@@ -112,13 +111,13 @@ async def _answer_datagram(  # noqa: PLR0917 (start_soon passes arguments by pos
     sock: socket.socket,
     listening: Listening,
     data: bytes,
-    query: Query,
+    pending: Pending,
     address: tuple[object, ...],
     received: float,
 ) -> None:
     stats = listening.stats
     try:
-        reply = await listening.handler.answer(data, query, udp=True)
+        reply = await listening.handler.answer(data, pending, udp=True)
     except trio.Cancelled:
         # The stop's grace period ended first. The socket is still open (the server closes it
         # once every task is done): SERVFAIL now, not silence.

@@ -174,16 +174,27 @@ class Zone:
     - any other name under ``test.`` is NXDOMAIN (``static`` zone), e.g. ``nx7.test``;
     - names outside ``test.`` are REFUSED at once (``local-zone: "." refuse``) rather than
       sent off to root servers this sandbox cannot reach, which would hang until SERVFAIL.
+
+    Another ``origin`` makes another zone with the same shape (``h7.corp.example``): a
+    second unbound serving it stands for a company's resolver in the split-DNS tests, and
+    ``address_base`` (the second octet of its A records) tells its answers from the first's.
     """
 
     origin: str = "test."
     hosts: int = 3000
     txt_every: int = 10
-    big_name: str = "big.test."
     big_records: int = 30
-    mid_name: str = "mid.test."
     mid_records: int = 11
     ttl: int = 300
+    address_base: int = 18
+
+    @property
+    def big_name(self) -> str:
+        return f"big.{self.origin}"
+
+    @property
+    def mid_name(self) -> str:
+        return f"mid.{self.origin}"
 
     def host(self, index: int) -> str:
         return f"h{index}.{self.origin}"
@@ -191,9 +202,8 @@ class Zone:
     def nxdomain_name(self, index: int) -> str:
         return f"nx{index}.{self.origin}"
 
-    @staticmethod
-    def a_address(index: int) -> str:
-        return f"198.{18 + index // 65536 % 2}.{index // 256 % 256}.{index % 256}"
+    def a_address(self, index: int) -> str:
+        return f"198.{self.address_base + index // 65536 % 2}.{index // 256 % 256}.{index % 256}"
 
     @staticmethod
     def aaaa_address(index: int) -> str:

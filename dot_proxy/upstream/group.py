@@ -15,19 +15,20 @@ import random
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import trio
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, PlainSpec, UpstreamSpec
 from dot_proxy.core.health import TIMEOUTS_TO_DOWN, Health, Policy, order_upstreams
 from dot_proxy.core.message import Rcode
 from dot_proxy.errors import RaceLost, UpstreamError, fresh
 from dot_proxy.upstream.health_log import HealthLog
 from dot_proxy.upstream.hedger import Hedger
-from dot_proxy.upstream.pool import Connect, Upstream, open_upstreams
+from dot_proxy.upstream.pool import Connect, open_upstreams
 from dot_proxy.upstream.race import Race
 
-__all__ = ["UpstreamGroup", "open_upstream_group"]
+__all__ = ["Member", "UpstreamGroup", "open_upstream_group"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,29 @@ _ONLY_ONE = (0,)  # the order of a group of one upstream, for every query
 # Why an upstream is down, when it is not an error of its own.
 _TIMEOUTS = f"no answer within the deadline {TIMEOUTS_TO_DOWN} times in a row"
 _SLOWER = f"slower than the next upstream {TIMEOUTS_TO_DOWN} times in a row"
+
+
+class _Named(Protocol):
+    @property
+    def label(self) -> str: ...
+
+
+class Member(Protocol):
+    """What the group needs of an upstream: a name for its logs and a way to ask it. A DoT
+    pool (:class:`~dot_proxy.upstream.pool.Upstream`) and a ``plain:`` resolver
+    (:class:`~dot_proxy.upstream.plain.PlainUpstream`) are both one."""
+
+    @property
+    def spec(self) -> _Named: ...
+
+    @property
+    def connections(self) -> Sequence[object]:
+        """The connections open or opening now (for the metrics)."""
+        ...
+
+    async def query(self, message: bytes, key: bytes, race: Race | None = None) -> bytes:
+        """The answer (any ID); raises UpstreamError, RaceLost once ``race`` is won."""
+        ...
 
 
 class _Attempts(Race):
@@ -92,7 +116,7 @@ class UpstreamGroup:
 
     def __init__(
         self,
-        upstreams: Sequence[Upstream],
+        upstreams: Sequence[Member],
         config: Config,
         nursery: trio.Nursery | None = None,
         *,
@@ -116,7 +140,7 @@ class UpstreamGroup:
         self.hedges_started = 0  # read by the metrics
 
     @property
-    def upstreams(self) -> Sequence[Upstream]:
+    def upstreams(self) -> Sequence[Member]:
         """The upstreams, in configured order."""
         return self._upstreams
 
@@ -302,13 +326,18 @@ class UpstreamGroup:
 
 @asynccontextmanager
 async def open_upstream_group(
-    config: Config, *, connect: Connect | None = None, rng: random.Random | None = None
+    config: Config,
+    *,
+    specs: Sequence[UpstreamSpec | PlainSpec] | None = None,
+    connect: Connect | None = None,
+    rng: random.Random | None = None,
 ) -> AsyncIterator[UpstreamGroup]:
-    """Open the upstream pools (see :func:`~dot_proxy.upstream.pool.open_upstreams` for
-    ``connect``) and a group over them, with its background tasks. ``rng`` draws the
-    ``fastest`` policy's choices (seeded, a run can be replayed)."""
+    """Open the upstream pools (``config.upstreams``, or ``specs``: a ``--forward`` zone's;
+    see :func:`~dot_proxy.upstream.pool.open_upstreams` for ``connect``) and a group over
+    them, with its background tasks. ``rng`` draws the ``fastest`` policy's choices (seeded, a
+    run can be replayed)."""
     async with (
-        open_upstreams(config, connect=connect) as upstreams,
+        open_upstreams(config, specs=specs, connect=connect) as upstreams,
         trio.open_nursery() as nursery,
     ):
         group = UpstreamGroup(upstreams, config, nursery, rng=rng)

@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from dot_proxy.config import Config, UpstreamSpec
+from dot_proxy.config import Config, PlainSpec, UpstreamSpec
 from dot_proxy.errors import UpstreamClosed, UpstreamProtocolError
 from dot_proxy.upstream.connection import Connection
+from dot_proxy.upstream.plain import PlainUpstream
 from dot_proxy.upstream.race import Race, race_lost
 from dot_proxy.upstream.tls import Connect, tls_connector
 from dot_proxy.upstream.trio_private import missing_internals
@@ -128,9 +129,14 @@ class Upstream:
 
 @asynccontextmanager
 async def open_upstreams(
-    config: Config, *, connect: Connect | None = None
-) -> AsyncIterator[list[Upstream]]:
-    """Open a pool per configured upstream; all their connections close on exit.
+    config: Config,
+    *,
+    specs: Sequence[UpstreamSpec | PlainSpec] | None = None,
+    connect: Connect | None = None,
+) -> AsyncIterator[list[Upstream | PlainUpstream]]:
+    """Open a pool per upstream, ``config.upstreams`` or ``specs`` (a ``--forward`` zone's);
+    all their connections close on exit. A ``plain:`` spec gets a
+    :class:`~dot_proxy.upstream.plain.PlainUpstream` (no pool: a socket per query).
 
     ``connect`` opens a connection's stream: by default TLS as configured
     (:func:`~dot_proxy.upstream.tls.tls_connector`), after a look at whether this trio has what
@@ -149,7 +155,13 @@ async def open_upstreams(
                 "; ".join(problems),
             )
     async with trio.open_nursery() as nursery:
+        upstreams: list[Upstream | PlainUpstream] = []
+        for spec in config.upstreams if specs is None else specs:
+            if isinstance(spec, PlainSpec):
+                upstreams.append(PlainUpstream(spec, nursery))
+            else:
+                upstreams.append(Upstream(spec, config, nursery, connect=connect))
         try:
-            yield [Upstream(spec, config, nursery, connect=connect) for spec in config.upstreams]
+            yield upstreams
         finally:
             nursery.cancel_scope.cancel()

@@ -2,8 +2,9 @@
 
 The client context (CA, host name, TLS 1.2 at least, ALPN ``dot``), the handshake over a bare
 non-blocking socket (:class:`~dot_proxy.upstream.socket_stream.EagerSocketStream`), the SPKI pin
-check that comes before any byte is written (RFC 7858 §4.2), and TCP_QUICKACK. trio and ssl
-exceptions are mapped to :mod:`dot_proxy.errors` here.
+check that comes before any byte is written (RFC 7858 §4.2), session resumption
+(:class:`TLSSessions`), and TCP_QUICKACK. trio and ssl exceptions are mapped to
+:mod:`dot_proxy.errors` here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dot_proxy.upstream.socket_stream import EagerSocketStream
 
 __all__ = [
     "Connect",
+    "TLSSessions",
     "check_pins",
     "make_ssl_context",
     "open_tls",
@@ -77,10 +79,82 @@ def check_pins(spec: UpstreamSpec, stream: trio.SSLStream[EagerSocketStream]) ->
         )
 
 
+# What a session may be offered to: the same address, port, name and pins, and the context
+# (OpenSSL refuses a session from another context, and the context holds the trusted CAs).
+_SessionKey = tuple[str, int, str, tuple[str, ...], bool, ssl.SSLContext]
+
+
+class TLSSessions:
+    """TLS sessions to resume, one per upstream (RFC 8446 §2.2 tickets; RFC 5246 §7.4.1.2
+    session IDs), so that a reconnection costs one round trip less and no certificate chain.
+
+    A session is offered only to the upstream it came from: same address, port, auth name,
+    pins and context. Each connection's session is taken from the last connection that
+    completed a handshake to that upstream, when the next one opens: a TLS 1.3 server sends its
+    tickets after the handshake, so they are in the stream only once it has read something.
+    Each is offered once (RFC 8446 §C.4: a ticket reused links connections for an observer);
+    the connection that used it gets fresh tickets of its own, and its session is offered next.
+    A TLS 1.2 session ID stays the same across resumptions, and is offered again that way.
+
+    Pins and names are checked on every handshake, resumed or not (the resumed session carries
+    the server's certificate). A failed handshake leaves nothing to offer: the next is full.
+
+    Resource handling: holds the last handshaken stream per upstream (one small closed object
+    each at most), to read its session from when the next connection opens.
+    """
+
+    __slots__ = ("_offered", "_sources")
+
+    def __init__(self) -> None:
+        self._sources: dict[_SessionKey, trio.SSLStream[EagerSocketStream]] = {}
+        # The session id offered to each source stream, to tell a fresh ticket from it.
+        self._offered: dict[_SessionKey, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def take(self, spec: UpstreamSpec, context: ssl.SSLContext) -> ssl.SSLSession | None:
+        """The session to offer to a new connection to ``spec``, or ``None``; taken, so a
+        connection opening at the same time makes a full handshake."""
+        key = _session_key(spec, context)
+        source = self._sources.pop(key, None)
+        offered = self._offered.pop(key, None)
+        if source is None:
+            return None
+        session: ssl.SSLSession | None = source.session
+        if session is None:
+            return None
+        if source.version() == "TLSv1.3" and (not session.has_ticket or session.id == offered):
+            return None  # no ticket yet, or only the one this connection itself used
+        return session
+
+    def remember(
+        self,
+        spec: UpstreamSpec,
+        context: ssl.SSLContext,
+        stream: trio.SSLStream[EagerSocketStream],
+        offered: ssl.SSLSession | None,
+    ) -> None:
+        """Record the stream whose session the next connection to ``spec`` resumes."""
+        key = _session_key(spec, context)
+        self._sources[key] = stream
+        if offered is not None:
+            self._offered[key] = offered.id
+        else:
+            self._offered.pop(key, None)
+
+
+def _session_key(spec: UpstreamSpec, context: ssl.SSLContext) -> _SessionKey:
+    return (spec.host, spec.port, spec.auth_name, spec.pins, spec.check_name, context)
+
+
 async def open_tls(
-    spec: UpstreamSpec, context: ssl.SSLContext
+    spec: UpstreamSpec, context: ssl.SSLContext, sessions: TLSSessions | None = None
 ) -> trio.SSLStream[EagerSocketStream]:
     """Connect to ``spec`` and complete an authenticated TLS handshake (no deadline of its own).
+
+    With ``sessions``, resumes the last session to the same upstream when there is one and
+    records this connection's for the next (:class:`TLSSessions`).
 
     Error handling: raises :class:`UpstreamConnectError` (TCP) or :class:`UpstreamTLSError`
     (handshake, certificate, name or pins). Resource handling: on error nothing stays open;
@@ -97,6 +171,11 @@ async def open_tls(
     # cannot truncate an answer unnoticed; treating it as plain EOF avoids spurious errors from
     # servers that skip close_notify, and closing costs no round trip.
     stream = trio.SSLStream(tcp, context, server_hostname=spec.auth_name, https_compatible=True)
+    offered = sessions.take(spec, context) if sessions is not None else None
+    if offered is not None:
+        # SSLStream passes attributes of its SSLObject through, setting included; a client
+        # SSLObject takes a session to resume before its handshake (the ssl module's docs).
+        stream.session = offered
     try:
         await stream.do_handshake()
         # RFC 8310 §5: strict profile; nothing is written before the pins matched.
@@ -107,18 +186,25 @@ async def open_tls(
     except BaseException:
         await trio.aclose_forcefully(tcp)
         raise
+    if sessions is not None:
+        sessions.remember(spec, context, stream, offered)
     return stream
 
 
 def tls_connector(ca_file: str | None, ca_data: str | None = None) -> Connect:
     """:func:`open_tls` with the context each upstream needs: its name checked against the
     trusted CAs, or (an upstream with pins and no name to check) its pins alone. ``ca_data``
-    is ``ca_file``'s content when it was read already (before dropping privileges)."""
+    is ``ca_file``'s content when it was read already (before dropping privileges). A
+    reconnection resumes the last connection's TLS session (RFC 8446 §2.2: one round trip less
+    for TLS 1.2, no certificate chain), offered to the same upstream only."""
     verified = make_ssl_context(ca_file=ca_file, ca_data=ca_data)
     pins_only = make_ssl_context(ca_file=ca_file, ca_data=ca_data, pins_only=True)
+    # One store for every upstream this connector opens: sessions are kept per upstream
+    # (address, port, name, pins, context), so a session is only ever offered to its own.
+    sessions = TLSSessions()
 
     async def connect(spec: UpstreamSpec) -> trio.abc.Stream:
-        return await open_tls(spec, verified if spec.check_name else pins_only)
+        return await open_tls(spec, verified if spec.check_name else pins_only, sessions)
 
     return connect
 

@@ -46,7 +46,7 @@ def test_as_root_with_user_a_root_only_ca_file_is_read_before_the_drop(
 
     answer = realdns.udp_query(proxy.port, "h3.test", "A")
     assert answer.rcode() == dns.rcode.NOERROR
-    assert [rr.to_text() for rr in answer.answer[0]] == [realdns.Zone.a_address(3)]
+    assert [rr.to_text() for rr in answer.answer[0]] == [realdns.Zone().a_address(3)]
     assert _uids(proxy.pid) == [nobody.pw_uid] * 4  # real, effective, saved, filesystem
     assert proxy.stop() == 0
     log = proxy.log_text()
