@@ -50,7 +50,8 @@ EXPOSE 5300/udp 5300/tcp
 # python is PID 1: trio's signal receiver turns SIGTERM into a graceful stop and exit 0.
 STOPSIGNAL SIGTERM
 # Liveness without the upstream: the proxy answers a query of an opcode it does not implement
-# (NOTIMP) itself, over UDP and TCP, on the port and address it was configured with.
+# (NOTIMP) itself, over UDP and TCP, on the port and address it was configured with; with
+# --metrics (DOT_PROXY_METRICS, or the --config file) /healthz must also answer 200.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
     CMD ["dot-proxy", "healthcheck"]
 ENTRYPOINT ["dot-proxy"]

@@ -66,9 +66,16 @@ def run(launch: Launch, socket_sets: list[list[socket.socket]]) -> int:
             region = mmap.mmap(-1, SlotTable.bytes_needed(len(socket_sets)))
             launch.slots = SlotTable(memoryview(region), len(socket_sets))
         # The sockets are bound and listening: what arrives before the workers run waits in
-        # the kernel's queues. The workers themselves do not notify (NotifyAccess=main).
-        Notifier.from_environ(os.environ).ready(f"{len(socket_sets)} workers serving")
-        return run_workers(socket_sets, _serve_worker(launch), reload=_parent_reload(launch))
+        # the kernel's queues. The workers themselves do not notify (NotifyAccess=main): the
+        # supervisor says READY=1 now and STOPPING=1 when it tells them to stop.
+        notifier = Notifier.from_environ(os.environ)
+        notifier.ready(f"{len(socket_sets)} workers serving")
+        return run_workers(
+            socket_sets,
+            _serve_worker(launch),
+            reload=_parent_reload(launch),
+            on_stop=notifier.stopping,
+        )
     finally:
         if launch.ops_socket is not None:
             launch.ops_socket.close()

@@ -3,9 +3,10 @@
 One Python process tops out at one core. With ``--workers N`` the sockets are bound N times
 with SO_REUSEPORT (see ``serve.sockets.bind_worker_sockets``) and each set is served by a
 forked process running the whole proxy: its own trio loop, upstream pool, health and hedging.
-The parent only supervises: it forwards SIGTERM/SIGINT to the workers and waits for them, and
-on SIGHUP calls its ``reload`` (to fork later workers with the new settings) and passes the
-signal on, so that every worker reloads.
+The parent only supervises: it forwards SIGTERM/SIGINT to the workers and waits for them
+(calling its ``on_stop`` once, as the stop begins: the service manager hears STOPPING=1 from
+the process it started), and on SIGHUP calls its ``reload`` (to fork later workers with the
+new settings) and passes the signal on, so that every worker reloads.
 Workers share nothing, so there is nothing to lock, and one that dies takes no other down.
 
 A worker that exits while the proxy is not stopping has crashed: the parent logs it and forks
@@ -78,15 +79,19 @@ def run_workers(
     *,
     policy: CrashPolicy | None = None,
     reload: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> int:
     """Fork one worker per socket set, each running ``serve_one(sockets, parent_pid, n)``.
 
+    ``reload`` runs on SIGHUP before the workers get it; ``on_stop`` once, when the workers
+    are first told to stop (a stop signal, or crashes that came back too often). Both run in
+    a signal handler: they must be quick and must not block.
     Returns the exit status for the parent: 0 when every worker stopped because the proxy was
     asked to stop, 1 when crashes came back too often (or a worker failed to stop cleanly).
     Resource handling: the parent keeps the sockets, to restart workers on them, and closes
     them on return; every worker is waited for.
     """
-    supervisor = _Supervisor(socket_sets, serve_one, policy or CrashPolicy(), reload)
+    supervisor = _Supervisor(socket_sets, serve_one, policy or CrashPolicy(), reload, on_stop)
     previous = {sig: signal.signal(sig, supervisor.stop_all) for sig in _STOP_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, supervisor.reload)
     try:
@@ -112,11 +117,13 @@ class _Supervisor:
         serve_one: ServeOne,
         policy: CrashPolicy,
         on_reload: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.socket_sets = socket_sets
         self.serve_one = serve_one
         self.policy = policy
         self.on_reload = on_reload
+        self.on_stop = on_stop
         self.parent = os.getpid()
         self.workers: dict[int, int] = {}  # pid → worker number
         self.due: dict[int, float] = {}  # worker number → when to start it again
@@ -125,6 +132,8 @@ class _Supervisor:
         self.status = 0
 
     def stop_all(self, _signum: int = signal.SIGTERM, _frame: FrameType | None = None) -> None:
+        if not self.stopping and self.on_stop is not None:
+            self.on_stop()
         self.stopping = True
         self.due.clear()
         for pid in self.workers:

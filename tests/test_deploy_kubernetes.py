@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dot_proxy.cli import build_config
+from dot_proxy.cli import build_config, check_config_file
+from dot_proxy.config import Config
+from dot_proxy.config_file import ConfigFile
 from dot_proxy.serve.server import SHUTDOWN_GRACE
 
 KUBERNETES = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
@@ -47,9 +50,39 @@ def one(kind: str, name: str | None = None) -> Doc:
     return matching[0]
 
 
-def env_file(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-    return {key: value for key, value in pairs if not key.startswith("#")}
+def generated_files(where: Path = KUBERNETES / "base") -> dict[str, str]:
+    """The ConfigMap the kustomization in ``where`` generates: file name → text."""
+    kustomization = yaml.safe_load((where / "kustomization.yaml").read_text())
+    [generator] = kustomization["configMapGenerator"]
+    assert generator["name"] == "dot-proxy"
+    return {name: (where / name).read_text() for name in generator["files"]}
+
+
+def container_env(container: Doc) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def config_path(workload: Doc) -> tuple[str, str, str]:
+    """Where the pod reads its config file: (DOT_PROXY_CONFIG, the ConfigMap, the file's key),
+    checked against the pod's volumes: a ConfigMap mounted read-only, holding that file."""
+    container = container_of(workload)
+    path = container_env(container)["DOT_PROXY_CONFIG"]
+    volumes = {volume["name"]: volume for volume in workload["spec"]["template"]["spec"]["volumes"]}
+    [mount] = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    key = path.removeprefix(mount["mountPath"] + "/")
+    config_map = volumes[mount["name"]]["configMap"]["name"]
+    return path, config_map, key
+
+
+def pod_config(workload: Doc, data: Mapping[str, str], scratch: Path) -> Config:
+    """The Config the workload's proxy starts with: its args and env, and the config file
+    from ``data`` (the ConfigMap's) put where DOT_PROXY_CONFIG names it (here: in scratch)."""
+    container = container_of(workload)
+    _, _, key = config_path(workload)
+    (scratch / key).write_text(data[key])
+    env = {**container_env(container), "DOT_PROXY_CONFIG": str(scratch / key)}
+    return build_config(container.get("args", []), env)
 
 
 def validate(doc: Doc) -> None:
@@ -88,15 +121,63 @@ WORKLOADS = [("Deployment", "dot-proxy"), ("DaemonSet", "dot-proxy-node-local")]
 @pytest.mark.parametrize(("kind", "name"), WORKLOADS)
 def test_both_protocols_probes_and_resources(kind: str, name: str) -> None:
     container = container_of(one(kind, name))
-    ports = {(port["protocol"], port["containerPort"]) for port in container["ports"]}
+    dns = [port for port in container["ports"] if port["name"] != "metrics"]
+    ports = {(port["protocol"], port["containerPort"]) for port in dns}
     assert {protocol for protocol, _ in ports} == {"UDP", "TCP"}
     assert len({number for _, number in ports}) == 1, "UDP and TCP on one port"
-    assert container["livenessProbe"]["exec"]["command"] == ["dot-proxy", "healthcheck"]
-    assert "tcpSocket" in container["readinessProbe"]
+    [metrics] = [port for port in container["ports"] if port["name"] == "metrics"]
+    assert metrics["protocol"] == "TCP"
+    # Alive: the serve loops run; ready: and an upstream is usable (issue 15's probes).
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["timeoutSeconds"] < container[probe]["periodSeconds"]
     for kind_of in ("requests", "limits"):
         assert set(container["resources"][kind_of]) == {"cpu", "memory"}
     # One process uses one core at most: a bigger limit would reserve nothing it can use.
     assert container["resources"]["limits"]["cpu"] == "1"
+
+
+@pytest.mark.parametrize(("kind", "name"), WORKLOADS)
+def test_the_endpoint_is_on_where_the_probes_and_the_metrics_service_look(
+    kind: str, name: str, tmp_path: Path
+) -> None:
+    workload = one(kind, name)
+    container = container_of(workload)
+    config = pod_config(workload, generated_files(), tmp_path)
+    [metrics] = [port for port in container["ports"] if port["name"] == "metrics"]
+    assert config.metrics is not None
+    host, port = config.metrics
+    # The kubelet probes the pod's IP, and Prometheus scrapes it: a wildcard address.
+    assert (host, port) == ("0.0.0.0", metrics["containerPort"])
+    service = one("Service", "dot-proxy-metrics")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    # A replica with no upstream is unready: that is when its metrics are wanted most.
+    assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+@pytest.mark.parametrize(("kind", "name"), WORKLOADS)
+def test_the_settings_are_a_config_file_from_the_generated_config_map(
+    kind: str, name: str, tmp_path: Path
+) -> None:
+    workload = one(kind, name)
+    path, config_map, key = config_path(workload)
+    files = generated_files()
+    assert config_map == "dot-proxy" and key in files
+    (tmp_path / key).write_text(files[key])
+    check_config_file(str(tmp_path / key))
+    # No setting both in the file and in the pod's environment: the variable would win, and
+    # an edit of the file would silently change nothing.
+    in_file = set(ConfigFile.load(str(tmp_path / key)).values)
+    in_env = {
+        variable.removeprefix("DOT_PROXY_").lower().replace("_", "-")
+        for variable in container_env(container_of(workload))
+    }
+    assert not in_file & in_env, in_file & in_env
+    assert pod_config(workload, files, tmp_path).config_file == str(tmp_path / key)
+    assert path == "/etc/dot-proxy/" + key
 
 
 @pytest.mark.parametrize(("kind", "name"), WORKLOADS)
@@ -149,34 +230,37 @@ def test_the_disruption_budget_covers_the_replicas() -> None:
     assert budget["spec"]["maxUnavailable"] < one("Deployment", "dot-proxy")["spec"]["replicas"]
 
 
-def test_the_settings_are_ones_the_proxy_accepts_and_match_the_ports() -> None:
-    settings = env_file(KUBERNETES / "base" / "dot-proxy.env")
-    config = build_config([], settings)
+def test_the_settings_are_ones_the_proxy_accepts_and_match_the_ports(tmp_path: Path) -> None:
+    deployment = one("Deployment", "dot-proxy")
+    config = pod_config(deployment, generated_files(), tmp_path)
     ports = {
-        port["containerPort"] for port in container_of(one("Deployment", "dot-proxy"))["ports"]
+        port["containerPort"]
+        for port in container_of(deployment)["ports"]
+        if port["name"] != "metrics"
     }
     assert ports == {config.port}
     assert config.port >= 1024, "an unprivileged process binds no lower port"
     assert config.workers == 1, "scale with replicas: each one process"
 
 
-def test_the_node_local_overlay_listens_on_a_link_local_address_on_53() -> None:
-    kustomization = yaml.safe_load(
-        (KUBERNETES / "overlays" / "node-local" / "kustomization.yaml").read_text()
-    )
-    [generator] = kustomization["configMapGenerator"]
-    literals = dict(item.split("=", 1) for item in generator["literals"])
-    assert ipaddress.ip_address(literals["DOT_PROXY_LISTEN"]).is_link_local
+def test_the_node_local_overlay_listens_on_a_link_local_address_on_53(tmp_path: Path) -> None:
     daemonset = one("DaemonSet", "dot-proxy-node-local")
+    config = pod_config(daemonset, generated_files(), tmp_path)
+    [listen] = config.listen
+    assert ipaddress.ip_address(listen).is_link_local
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     container = container_of(daemonset)
-    assert {port["containerPort"] for port in container["ports"]} == {
-        int(literals["DOT_PROXY_PORT"])
+    # On the host's network a container port is the node's port: each is declared as such.
+    assert all(port["hostPort"] == port["containerPort"] for port in container["ports"])
+    assert {port["containerPort"] for port in container["ports"] if port["name"] != "metrics"} == {
+        config.port
     }
-    assert container["readinessProbe"]["tcpSocket"]["host"] == literals["DOT_PROXY_LISTEN"]
+    assert config.port == 53
+    assert config.upstreams, "the base's upstreams are kept"
     # Root only to bind 53 and switch user; --user drops to dotproxy before serving.
     assert container["args"] == ["--user", "dotproxy"]
+    assert config.user == "dotproxy"
     assert sorted(container["securityContext"]["capabilities"]["add"]) == [
         "NET_BIND_SERVICE",
         "SETGID",
@@ -184,6 +268,20 @@ def test_the_node_local_overlay_listens_on_a_link_local_address_on_53() -> None:
     ]
     [init] = pod["initContainers"]
     assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
-    assert re.search(
-        rf"\b{re.escape(literals['DOT_PROXY_LISTEN'])}/32\b", " ".join(init["command"])
-    )
+    assert re.search(rf"\b{re.escape(listen)}/32\b", " ".join(init["command"]))
+
+
+def test_every_config_file_in_docs_deploy_is_one_the_proxy_accepts(tmp_path: Path) -> None:
+    # The overlay's file (a heredoc) and the split-DNS example (a toml block), as pasted.
+    text = (KUBERNETES.parent.parent / "docs" / "deploy.md").read_text()
+    examples = re.findall(r"```toml\n(.*?)```", text, re.S)
+    examples += re.findall(r"cat > dns-overlay/[\w-]+\.toml <<'EOF'\n(.*?\n)EOF\n", text, re.S)
+    assert len(examples) >= 2
+    for index, example in enumerate(examples):
+        path = tmp_path / f"{index}.toml"
+        path.write_text(example)
+        config = check_config_file(str(path))
+        assert config.upstreams
+    split = check_config_file(str(tmp_path / "0.toml"))
+    assert {zone.name for zone in split.forward} >= {"cluster.local."}
+    assert all(zone.cleartext for zone in split.forward), "kube-dns speaks plain DNS"

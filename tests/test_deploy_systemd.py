@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from dot_proxy.cli import build_config
+from dot_proxy.cli import build_config, check_config_file
+from dot_proxy.config_file import ConfigFile
 
 UNITS = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 
@@ -90,3 +92,28 @@ def test_without_the_socket_unit_it_gets_exactly_the_one_capability() -> None:
     assert NO_SOCKET["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]
     assert NO_SOCKET["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
     assert NO_SOCKET["PrivateUsers"] == ["no"]  # a capability in its own namespace binds nothing
+
+
+def test_reload_is_sighup_to_the_main_process() -> None:
+    # The supervisor of --workers passes it on; a single process reloads itself.
+    assert SERVICE["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def test_the_example_config_file_is_one_the_service_accepts() -> None:
+    # Named by DOT_PROXY_CONFIG in /etc/default/dot-proxy, as the unit's comment says; the
+    # unit's flags win over it, so it leaves listen and port to them (or to the socket unit).
+    path = str(UNITS / "dot-proxy.toml")
+    assert (
+        "DOT_PROXY_CONFIG=/etc/dot-proxy/dot-proxy.toml"
+        in (UNITS / "dot-proxy.service").read_text()
+    )
+    check_config_file(path)
+    assert not {"listen", "port"} & set(ConfigFile.load(path).values)
+    argv = shlex.split(SERVICE["ExecStart"][0])
+    config = build_config(argv[1:], {"DOT_PROXY_CONFIG": path})
+    assert config.config_file == path
+    assert (config.listen, config.port) == (("127.0.0.1", "::1"), 53)
+    assert config.metrics is not None
+    assert ipaddress.ip_address(config.metrics[0]).is_loopback, "no authentication: loopback"
+    # The socket unit listens on loopback: so does the access list.
+    assert all(ipaddress.ip_network(network)[0].is_loopback for network in config.allow)

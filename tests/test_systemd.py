@@ -1,7 +1,7 @@
 """systemd's side of the house, in process: LISTEN_FDS parsing, adopting sockets, sd_notify.
 
 The proxy started the way systemd starts it (descriptors 3.., LISTEN_PID, NOTIFY_SOCKET) is in
-tests/e2e/test_systemd_e2e.py; the unit files themselves in tests/test_deploy_files.py.
+tests/e2e/test_systemd_e2e.py; the unit files themselves in tests/test_deploy_systemd.py.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from dot_proxy.cli import build_config
 from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve.sockets import bind_worker_sockets
-from dot_proxy.workers import PARENT_CHECK_INTERVAL, CrashPolicy
+from dot_proxy.workers import PARENT_CHECK_INTERVAL, CrashPolicy, _Supervisor
 from tests.test_cli import HANG_GUARD, Proxy, udp_servfail
 
 
@@ -318,3 +318,20 @@ def test_a_stop_while_starting_leaves_no_worker_behind(
         proxy.kill()
         for pid in processes_with_argument(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_supervisor_reports_a_stop_once_whatever_began_it() -> None:
+    # on_stop is how the service manager hears STOPPING=1 (runner.py): once, when the workers
+    # are first told to stop, by a signal or by crashes that keep coming.
+    stops: list[str] = []
+    by_signal = _Supervisor([], lambda *_: None, CrashPolicy(), on_stop=lambda: stops.append("x"))
+    by_signal.stop_all()
+    by_signal.stop_all()  # a second SIGTERM
+    assert stops == ["x"]
+    stops.clear()
+    by_crashes = _Supervisor([], lambda *_: None, CrashPolicy(), on_stop=lambda: stops.append("x"))
+    now = time.monotonic()
+    by_crashes.crashes = [now - 0.4, now - 0.3, now - 0.2, now - 0.1]
+    by_crashes.workers[4242] = 0
+    by_crashes._ended(4242, -signal.SIGKILL)  # the fifth within the window
+    assert (by_crashes.stopping, by_crashes.status, stops) == (True, 1, ["x"])

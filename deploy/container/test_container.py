@@ -147,7 +147,7 @@ def test_no_pip_setuptools_or_compiler_in_the_final_image(built: Built) -> None:
 def test_on_the_host_network_it_answers_udp_and_tcp_as_nobody_read_only(
     built: Built, unbound: realdns.Unbound, pki: realdns.Pki
 ) -> None:
-    port = realdns.free_port("both")
+    port, metrics = realdns.free_port("both"), realdns.free_port("tcp")
     with running(
         built,
         "--network",
@@ -159,6 +159,8 @@ def test_on_the_host_network_it_answers_udp_and_tcp_as_nobody_read_only(
         "DOT_PROXY_LISTEN=127.0.0.1",
         "--env",
         f"DOT_PROXY_PORT={port}",
+        "--env",
+        f"DOT_PROXY_METRICS=0.0.0.0:{metrics}",
         "--env",
         f"DOT_PROXY_UPSTREAM={unbound.upstream_spec}",
         "--env",
@@ -175,6 +177,9 @@ def test_on_the_host_network_it_answers_udp_and_tcp_as_nobody_read_only(
         touch = built.podman.run("exec", name, "touch", "/opt/venv/x", check=False)
         assert touch.returncode != 0 and "Read-only file system" in touch.stderr
         assert built.podman.run("healthcheck", "run", name, check=False).returncode == 0
+        # With the endpoint on, the health check asks its /healthz too (the wildcard on loopback).
+        health = built.podman.run("exec", name, "dot-proxy", "healthcheck").stdout
+        assert f"http 127.0.0.1:{metrics}/healthz: answered 200 ok" in health, health
         _stop_gracefully(built, name)
 
 

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dot_proxy.cli import build_config
-from tests.test_deploy_kubernetes import KUBERNETES, validate
+from tests.test_deploy_kubernetes import KUBERNETES, config_path, pod_config, validate
 
 pytestmark = pytest.mark.e2e
 
@@ -49,11 +48,7 @@ def _by_kind(docs: list[Doc]) -> dict[str, list[Doc]]:
 
 
 def _pod_config_map(workload: Doc) -> str:
-    [container] = workload["spec"]["template"]["spec"]["containers"]
-    [source] = container["envFrom"]
-    name = source["configMapRef"]["name"]
-    assert isinstance(name, str)
-    return name
+    return config_path(workload)[1]
 
 
 @pytest.mark.parametrize("where", ["base", "overlays/node-local"])
@@ -65,19 +60,21 @@ def test_every_rendered_object_is_valid(render: Callable[[str], list[Doc]], wher
 
 
 def test_the_base_is_a_deployment_with_its_generated_settings(
-    render: Callable[[str], list[Doc]],
+    render: Callable[[str], list[Doc]], tmp_path: Path
 ) -> None:
     kinds = _by_kind(render("base"))
     assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
     [config_map] = kinds["ConfigMap"]
     [deployment] = kinds["Deployment"]
+    # The generated name (a hash of the file) is the one the pods mount: an edit rolls them.
     assert _pod_config_map(deployment) == config_map["metadata"]["name"] != "dot-proxy"
-    build_config([], config_map["data"])
+    config = pod_config(deployment, config_map["data"], tmp_path)
+    assert (config.port, config.metrics) == (5300, ("0.0.0.0", 9153))
     assert {s["metadata"]["name"] for s in kinds["Service"]} == {"dot-proxy", "dot-proxy-metrics"}
 
 
 def test_the_node_local_overlay_is_a_daemonset_alone_on_its_node(
-    render: Callable[[str], list[Doc]],
+    render: Callable[[str], list[Doc]], tmp_path: Path
 ) -> None:
     kinds = _by_kind(render("overlays/node-local"))
     assert sorted(kinds) == ["ConfigMap", "DaemonSet", "Service"]
@@ -85,7 +82,7 @@ def test_the_node_local_overlay_is_a_daemonset_alone_on_its_node(
     [config_map] = kinds["ConfigMap"]
     [daemonset] = kinds["DaemonSet"]
     assert _pod_config_map(daemonset) == config_map["metadata"]["name"]
-    config = build_config(["--user", "dotproxy"], config_map["data"])
+    config = pod_config(daemonset, config_map["data"], tmp_path)
     assert (config.listen, config.port) == (("169.254.20.11",), 53)
     assert config.upstreams, "the base's upstreams are kept"
 
@@ -93,13 +90,14 @@ def test_the_node_local_overlay_is_a_daemonset_alone_on_its_node(
 def test_the_overlay_in_docs_deploy_renders_as_described(
     render: Callable[[str], list[Doc]], tmp_path: Path
 ) -> None:
-    # docs/deploy.md's own overlay, written and rendered as a reader would.
+    # docs/deploy.md's own overlay, its files written and rendered as a reader would.
     text = (KUBERNETES.parent.parent / "docs" / "deploy.md").read_text()
-    found = re.search(r"cat > dns-overlay/kustomization.yaml <<'EOF'\n(.*?)\nEOF\n", text, re.S)
-    assert found, "docs/deploy.md shows no overlay"
+    files = dict(re.findall(r"cat > dns-overlay/([\w.-]+) <<'EOF'\n(.*?\n)EOF\n", text, re.S))
+    assert "kustomization.yaml" in files, "docs/deploy.md shows no overlay"
     overlay = tmp_path / "dns-overlay"
     shutil.copytree(KUBERNETES, overlay / "upstream")
-    (overlay / "kustomization.yaml").write_text(found.group(1))
+    for name, content in files.items():
+        (overlay / name).write_text(content)
     kinds = _by_kind(render(str(overlay)))
     [deployment] = kinds["Deployment"]
     [config_map] = kinds["ConfigMap"]
@@ -109,5 +107,7 @@ def test_the_overlay_in_docs_deploy_renders_as_described(
     assert deployment["spec"]["replicas"] == 3
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.example/dot-proxy:0.1.0"
-    config = build_config([], config_map["data"])
+    assert _pod_config_map(deployment) == config_map["metadata"]["name"]
+    config = pod_config(deployment, config_map["data"], tmp_path)
     assert config.allow == ("10.244.0.0/16",)
+    assert [spec.auth_name for spec in config.upstreams] == ["dns.quad9.net", "dns.quad9.net"]

@@ -177,11 +177,12 @@ def test_notify_ready_once_serving_and_stopping_on_sigterm(
             manager.recv(4096)  # nothing more: READY=1 was sent once
 
 
-def test_with_workers_the_supervisor_notifies_ready(
+def test_with_workers_the_supervisor_notifies_ready_and_stopping(
     unbound: realdns.Unbound, pki: realdns.Pki, tmp_path: Path
 ) -> None:
     # The workers do not notify (NotifyAccess=main); the supervisor does once the sockets
     # are bound and the workers forked: what arrives before they read waits in the sockets.
+    # And when it passes SIGTERM on, the stop has begun: STOPPING=1, once.
     port = realdns.free_port("both")
     argv = _proxy(unbound, pki, "--listen", "127.0.0.1", "--port", str(port), "--workers", "2")
     log = tmp_path / "dot-proxy.log"
@@ -192,7 +193,13 @@ def test_with_workers_the_supervisor_notifies_ready(
         answer = realdns.udp_query(port, "h3.test.", timeout=5.0)
         assert answer.answer, answer
         process.send_signal(signal.SIGTERM)
+        after = _messages(manager, b"STOPPING=1", log)
+        assert after == [b"STOPPING=1\nSTATUS=stopping"]
         assert process.wait(timeout=10) == 0
+        manager.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            manager.recv(4096)  # nothing more: not a second STOPPING=1, nothing from a worker
+    assert log.read_text().count("stopped") >= 2, log.read_text()
 
 
 UNITS = Path(__file__).resolve().parent.parent.parent / "deploy" / "systemd"
@@ -202,14 +209,16 @@ MAX_EXPOSURE = 2.0
 
 @pytest.fixture
 def system_root(tmp_path: Path, require_tools: Callable[..., None]) -> Path:
-    """A root with systemd's own units, ours installed and the ExecStart program present."""
+    """A root with systemd's own units, ours installed and the programs they run present
+    (ExecStart's and ExecReload's: verify checks that each is there and executable)."""
     require_tools("systemd-analyze")
     root = tmp_path / "root"
     shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    program = root / "opt/dot-proxy/bin/dot-proxy"
-    program.parent.mkdir(parents=True)
-    program.write_text("#!/bin/sh\n")
-    program.chmod(0o755)
+    for name in ("opt/dot-proxy/bin/dot-proxy", "bin/kill"):
+        program = root / name
+        program.parent.mkdir(parents=True)
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
     installed = root / "etc/systemd/system"
     installed.mkdir(parents=True)
     for unit in ("dot-proxy.service", "dot-proxy.socket"):
