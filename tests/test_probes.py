@@ -13,6 +13,7 @@ not said is said when the minute is over; client queries log no warning of their
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ import trio
 import trio.testing
 
 from dot_proxy.config import Config, parse_upstream
+from dot_proxy.core.health import ALL_DOWN_PROBE_EVERY
 from dot_proxy.core.message import parse_query
 from dot_proxy.errors import UpstreamError
 from dot_proxy.upstream.group import PROBE_INTERVAL, UpstreamGroup, open_upstream_group
@@ -176,3 +178,34 @@ def test_flaps_that_ended_up_are_summed_up_when_the_minute_is_over(
     assert warnings(caplog) == [
         "up.test went down and came back 1 more times in the last 60 s (last: closed)"
     ]
+
+
+async def test_with_every_upstream_down_probes_come_at_least_every_30_seconds(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    # Nothing to spare a down upstream for when none is up, and no client queries come to a
+    # replica that /readyz says is not ready: the backoff's 5-minute cap would keep it out for
+    # minutes after the upstreams came back.
+    async with group_of_two(nursery) as (group, connect):
+        connect.refusing = {FIRST: True, SECOND: True}
+        start = trio.current_time()
+        assert await ask(group, "first") is None
+        await trio.sleep(600)
+        for port in (FIRST, SECOND):
+            probes = probes_of(connect, port, [start])
+            gaps = [b - a for a, b in itertools.pairwise(probes)]
+            assert max(gaps) <= ALL_DOWN_PROBE_EVERY + PROBE_INTERVAL + 1e-9, gaps
+            assert max(gaps) >= 16  # the backoff still grows up to there
+
+
+async def test_with_one_upstream_up_the_down_one_backs_off_past_30_seconds(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    async with group_of_two(nursery) as (group, connect):
+        connect.refusing = {FIRST: True, SECOND: False}
+        start = trio.current_time()
+        assert await ask(group, "first") is not None
+        await trio.sleep(600)
+        probes = probes_of(connect, FIRST, [start])
+        gaps = [b - a for a, b in itertools.pairwise(probes)]
+        assert max(gaps) >= 64, gaps  # 1, 2, 4 ... 128, 256: RFC 7858 §3.1, no hammering

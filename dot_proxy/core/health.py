@@ -25,6 +25,10 @@ __all__ = ["Health", "Policy", "order_upstreams"]
 EWMA_WEIGHT = 0.2
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 300.0
+# When every upstream of a group is down there is nothing to spare them for: each is probed
+# at least this often, so that the proxy (and an orchestrator reading /readyz, which stops
+# sending it queries meanwhile) finds them back within half a minute, not five.
+ALL_DOWN_PROBE_EVERY = 30.0
 SAMPLES = 64
 # A timeout may be the name's fault (a slow authoritative server), not the upstream's: only a
 # run of them marks an upstream down. Refused connections and TLS failures do at once.
@@ -125,9 +129,14 @@ class Health:
             self.down = True
             self.next_probe = now + self.backoff
 
-    def probe_due(self, now: float) -> bool:
-        """Whether a background probe should be sent now."""
-        return self.down and now >= self.next_probe
+    def probe_due(self, now: float, *, all_down: bool = False) -> bool:
+        """Whether a background probe should be sent now; ``all_down`` when no upstream of
+        the group is up (then at most :data:`ALL_DOWN_PROBE_EVERY` after the last failure)."""
+        if not self.down:
+            return False
+        if now >= self.next_probe:
+            return True
+        return all_down and now >= self.last_failure + ALL_DOWN_PROBE_EVERY
 
     @property
     def p95(self) -> float | None:

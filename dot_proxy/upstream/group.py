@@ -293,8 +293,9 @@ class UpstreamGroup:
         probing: set[int] = set()
         while True:
             now = trio.current_time()
+            all_down = all(health.down for health in self.health)
             for index, health in enumerate(self.health):
-                if health.probe_due(now) and index not in probing:
+                if health.probe_due(now, all_down=all_down) and index not in probing:
                     probing.add(index)
                     self._nursery.start_soon(self._probe, index, probing)
                 probe_in = max(0.0, health.next_probe - now)
