@@ -329,15 +329,12 @@ class Resolver:
         return self.cache.put(key, answer, HEADER_SIZE + len(query.question), now)
 
     async def _ask_upstreams(self, data: bytes, query: Query, target: Target) -> bytes:
-        if self._strip_ecs:
+        if self._strip_ecs and query.opt is not None:  # only a query with EDNS carries ECS
             data = strip_ecs(data)
         if self._padding and target.encrypted:
             # RFC 8467 §4.1: padded on the encrypted hop (never to a plain: resolver).
             data = pad_query(data, question_end=HEADER_SIZE + len(query.question))[0]
-        answer = await target.group.resolve(data, query.question_key)
-        # RFC 7871 §7.2.1: an answer's ECS option is about the query that carried one (ours,
-        # if any), not the client's.
-        return strip_ecs(answer) if self._strip_ecs else answer
+        return await target.group.resolve(data, query.question_key)
 
     def _from_flight(self, flight: _Flight, query: Query) -> bytes:
         if flight.entry is not None:
@@ -345,8 +342,7 @@ class Resolver:
         assert flight.answer is not None
         return self._for_client(flight.answer, query)
 
-    @staticmethod
-    def _for_client(answer: bytes, query: Query) -> bytes:
+    def _for_client(self, answer: bytes, query: Query) -> bytes:
         """The upstream's answer with the client's ID and question, padding stripped.
 
         RFC 7830 §6 / RFC 8467: padding is for the encrypted hop only; an OPT record the client
@@ -356,7 +352,11 @@ class Resolver:
         """
         question = query.question
         question_end = HEADER_SIZE + len(question)
-        answer = strip_padding(answer, remove_opt=query.opt is None, question_end=question_end)
+        # The ECS option of an answer, with --keep-ecs off, goes in the same walk (RFC 7871
+        # §7.2.1: it is about our query, which carried none, not the client's).
+        answer = strip_padding(
+            answer, remove_opt=query.opt is None, question_end=question_end, ecs=self._strip_ecs
+        )
         if answer[HEADER_SIZE:question_end] == question:
             return query.id.to_bytes(2, "big") + answer[2:]
         return (

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from dot_proxy.core.edns import message_layout, option_spans
+from dot_proxy.core.edns import OPTION_ECS, message_layout, option_spans
 from dot_proxy.errors import WireError
 
 __all__ = ["OPTION_ECS", "has_ecs", "strip_ecs"]
 
-#: The EDNS Client Subnet option code (RFC 7871 §6).
-OPTION_ECS: Final = 8
 
 _OPT_FIXED: Final = 11  # root owner, TYPE, CLASS, TTL, RDLENGTH (RFC 6891 §6.1.2)
 _RDLENGTH_AT: Final = 9

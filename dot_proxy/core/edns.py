@@ -30,6 +30,7 @@ from dot_proxy.core.message import question_end as end_of_question
 from dot_proxy.errors import WireError
 
 __all__ = [
+    "OPTION_ECS",
     "OPTION_PADDING",
     "QUERY_BLOCK",
     "RESPONSE_BLOCK",
@@ -41,6 +42,8 @@ __all__ = [
 
 #: The EDNS(0) Padding option code (RFC 7830 §3).
 OPTION_PADDING: Final = 12
+#: The EDNS Client Subnet option code (RFC 7871 §6); see :mod:`dot_proxy.core.ecs`.
+OPTION_ECS: Final = 8
 #: RFC 8467 §4.1: clients pad queries to a multiple of 128 bytes.
 QUERY_BLOCK: Final = 128
 #: RFC 8467 §4.1: servers pad responses to a multiple of 468 bytes.
@@ -52,6 +55,9 @@ _OPT_FIXED: Final = 11
 _RDLENGTH_AT: Final = 9
 _OPTION_HEADER = struct.Struct("!HH")  # OPTION-CODE, OPTION-LENGTH (RFC 6891 §6.1.2)
 _PADDING_CODE: Final = OPTION_PADDING.to_bytes(2, "big")
+_ECS_CODE: Final = OPTION_ECS.to_bytes(2, "big")
+_PADDING_ONLY: Final = frozenset({OPTION_PADDING})
+_PADDING_AND_ECS: Final = frozenset({OPTION_PADDING, OPTION_ECS})
 # QDCOUNT 1, ANCOUNT, NSCOUNT and ARCOUNT 0.
 _ONE_QUESTION_ONLY: Final = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 # The OPT record we add: root owner, TYPE 41, our UDP payload size, TTL 0 (no flags).
@@ -122,7 +128,9 @@ def pad_query(
     return before + fixed + len(rdata).to_bytes(2, "big") + rdata + after, opt is None
 
 
-def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None = None) -> bytes:
+def strip_padding(
+    answer: bytes, *, remove_opt: bool, question_end: int | None = None, ecs: bool = False
+) -> bytes:
     """Remove the Padding option from an upstream's answer before it goes back in cleartext.
 
     Other options (cookies, NSID, Extended DNS Errors, ...) are kept in order and the OPT
@@ -136,6 +144,9 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
     one question ends, saves walking it again (this runs on every answer): for an answer that
     matched a query's question key, ``HEADER_SIZE + len(key)``.
 
+    With ``ecs``, an EDNS Client Subnet option goes too, in the same walk (RFC 7871 §7.2.1:
+    an answer's ECS option is about the query that carried one, ours, not the client's).
+
     Error handling: never raises for malformed input; an answer that cannot be walked, that has
     more than one OPT record, or whose options overrun the OPT record is returned unchanged
     (it already passed the caller's matching and is the upstream's business).
@@ -144,7 +155,7 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
         return answer
     # Cheap and sound: a Padding option always writes its code, so without those two bytes
     # anywhere there is nothing to strip and no need to walk the records.
-    if not remove_opt and _PADDING_CODE not in answer:
+    if not remove_opt and _PADDING_CODE not in answer and not (ecs and _ECS_CODE in answer):
         return answer
     try:
         opt = message_layout(answer, question_end)[1]
@@ -157,7 +168,7 @@ def strip_padding(answer: bytes, *, remove_opt: bool, question_end: int | None =
         return _add_to_arcount(answer[:start], -1) + answer[end:]
     rdata = answer[start + _OPT_FIXED : end]
     try:
-        kept = _without_padding(rdata)
+        kept = _without_padding(rdata, ecs=ecs)
     except WireError:
         return answer
     if len(kept) == len(rdata):
@@ -209,17 +220,19 @@ def option_spans(rdata: bytes) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _without_padding(rdata: bytes) -> bytes:
+def _without_padding(rdata: bytes, *, ecs: bool = False) -> bytes:
     """An OPT record's options with every Padding option left out, the rest in order.
 
     RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
+    With ``ecs``, EDNS Client Subnet options are left out too.
     """
     if not rdata:
         return rdata
     if rdata[:2] == _PADDING_CODE and len(rdata) == 4 + int.from_bytes(rdata[2:4], "big"):
         return b""  # the usual padded answer: padding is its only option
+    dropped = _PADDING_AND_ECS if ecs else _PADDING_ONLY
     return b"".join(
-        rdata[start:end] for code, start, end in option_spans(rdata) if code != OPTION_PADDING
+        rdata[start:end] for code, start, end in option_spans(rdata) if code not in dropped
     )
 
 
