@@ -149,7 +149,10 @@ class Resolver:
 
         Not for a query due for prefetch (the full path starts the refresh).
         """
-        repeat = self._repeats[udp].get(data[2:])
+        repeats = self._repeats[udp]
+        if not repeats:  # the cache is off, or has answered nothing yet
+            return None
+        repeat = repeats.get(data[2:])
         if repeat is None:
             return None
         entry = repeat.entry
