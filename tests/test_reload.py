@@ -19,7 +19,7 @@ from dot_proxy.config import Config
 from dot_proxy.reloading import reload
 from tests.clients import query, scrape, udp_exchange
 from tests.conftest import OpsProxy, StartOpsProxy, StartUpstream
-from tests.fakes import FakeUpstream, eventually
+from tests.fakes import FakeUpstream, Held, eventually
 
 
 def write_file(path: Path, text: str) -> None:
@@ -257,3 +257,101 @@ async def test_a_reload_gives_each_forward_zone_a_new_group_and_keeps_its_zones(
     await udp_exchange(proxy.port, query("c.corp.example.").to_wire())
     assert len(corp.queries) == 3
     assert not other.queries
+
+
+async def test_a_reload_that_adds_an_upstream_keeps_the_connections_of_the_others(
+    start_upstream: StartUpstream,
+    start_ops_proxy: StartOpsProxy,
+    ca_file: str,
+    tmp_path: Path,
+    clock: trio.testing.MockClock,
+    hang_guard: None,
+) -> None:
+    first, second = await start_upstream(), await start_upstream()
+    path = tmp_path / "dot-proxy.toml"
+    proxy, argv = await start_from_file(start_ops_proxy, path, config_text([first], ca_file))
+    for index in range(3):
+        await udp_exchange(proxy.port, query(f"warm{index}.example.").to_wire())
+    old_group = proxy.running.resolver.group
+    [pool] = old_group.upstreams
+    [health] = old_group.health
+    path.write_text(config_text([first, second], ca_file, 'upstream-policy = "fastest"\n'))
+    assert await reload_now(proxy, argv)
+    group = proxy.running.resolver.group
+    assert group is not old_group
+    # The unchanged upstream: the same pool, its warm connection, and what was learnt of it.
+    assert group.upstreams[0] is pool and group.health[0] is health
+    for index in range(20):
+        await udp_exchange(proxy.port, query(f"after{index}.example.").to_wire())
+    await trio.sleep(proxy.running.config.timeout + 0.1)  # the old group retires
+    assert old_group not in proxy.running.groups
+    assert first.handshakes == 1  # never reconnected
+    assert pool.connections  # still open, still used
+    assert len(first.queries) > 3
+    metrics = await scrape(proxy.http)
+    assert metrics[f'dot_proxy_upstream_queries_total{{upstream="{first.spec}"}}'] == len(
+        first.queries
+    )
+    assert metrics[f'dot_proxy_upstream_connections{{upstream="{first.spec}"}}'] == 1
+
+
+async def test_a_reload_that_changes_how_connections_are_made_opens_new_ones(
+    start_upstream: StartUpstream,
+    start_ops_proxy: StartOpsProxy,
+    ca_file: str,
+    tmp_path: Path,
+    clock: trio.testing.MockClock,
+    hang_guard: None,
+) -> None:
+    upstream = await start_upstream()
+    path = tmp_path / "dot-proxy.toml"
+    proxy, argv = await start_from_file(start_ops_proxy, path, config_text([upstream], ca_file))
+    await udp_exchange(proxy.port, query("before.example.").to_wire())
+    [old_pool] = proxy.running.resolver.group.upstreams
+    [health] = proxy.running.resolver.group.health
+    path.write_text(config_text([upstream], ca_file, "max-pipeline = 10\n"))
+    assert await reload_now(proxy, argv)
+    [pool] = proxy.running.resolver.group.upstreams
+    assert pool is not old_pool  # a changed setting of its connections: a new pool
+    assert proxy.running.resolver.group.health[0] is health  # the same resolver, though
+    await udp_exchange(proxy.port, query("after.example.").to_wire())
+    assert upstream.handshakes == 2
+    await trio.sleep(proxy.running.config.timeout + 0.1)
+    assert not old_pool.connections  # the old pool closed once its queries had their time
+    metrics = await scrape(proxy.http)
+    assert metrics[f'dot_proxy_upstream_queries_total{{upstream="{upstream.spec}"}}'] == 2
+    assert metrics[f'dot_proxy_upstream_connections{{upstream="{upstream.spec}"}}'] == 1
+
+
+async def test_a_query_in_flight_on_a_removed_upstream_finishes_there(
+    start_upstream: StartUpstream,
+    start_ops_proxy: StartOpsProxy,
+    ca_file: str,
+    tmp_path: Path,
+    clock: trio.testing.MockClock,
+    hang_guard: None,
+) -> None:
+    held = Held()
+    removed, kept = await start_upstream(held), await start_upstream()
+    path = tmp_path / "dot-proxy.toml"
+    proxy, argv = await start_from_file(start_ops_proxy, path, config_text([removed], ca_file))
+    answers: list[bytes] = []
+
+    async def ask() -> None:
+        answers.append(await udp_exchange(proxy.port, query("slow.example.").to_wire()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await removed.wait_for_queries(1)
+        [old_pool] = proxy.running.resolver.group.upstreams
+        path.write_text(config_text([kept], ca_file))
+        assert await reload_now(proxy, argv)
+        await udp_exchange(proxy.port, query("new.example.").to_wire())
+        assert len(kept.queries) == 1
+        assert old_pool.connections  # still carrying the query in flight
+        await held.release()
+    [answer] = answers
+    assert answer[3] & 0x0F == 0  # answered by the removed upstream, not SERVFAIL
+    await trio.sleep(proxy.running.config.timeout + 0.1)
+    assert not old_pool.connections
+    assert removed.handshakes == 1

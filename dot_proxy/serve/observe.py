@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Final
 from prometheus_client import ProcessCollector
 
 from dot_proxy import __version__
-from dot_proxy.core.metrics import Histogram, Snapshot, carry
-from dot_proxy.upstream.group import UpstreamGroup
+from dot_proxy.core.health import Health
+from dot_proxy.core.metrics import Histogram, Snapshot
 
 if TYPE_CHECKING:
     from dot_proxy.serve.running import Running
@@ -65,23 +65,22 @@ def snapshot(running: Running, process: ProcessReader | None = None) -> Snapshot
     _cache(running, taken)
     for spec in running.config.upstreams:
         _zero_upstream(taken, spec.label)
-    taken = upstream_counts(running.groups, into=taken)
-    for group in running.groups:
-        for upstream, health in zip(group.upstreams, group.health, strict=True):
-            label = upstream.spec.label
-            up = taken.get("dot_proxy_upstream_up", label) or 0.0
-            assert isinstance(up, float)
-            taken.set("dot_proxy_upstream_up", max(up, 0.0 if health.down else 1.0), label)
-            connections = taken.get("dot_proxy_upstream_connections", label) or 0.0
-            assert isinstance(connections, float)
-            taken.set(
-                "dot_proxy_upstream_connections", connections + len(upstream.connections), label
-            )
+    upstreams = running.upstreams
+    hedges = running.retired_hedges + sum(group.hedges_started for group in running.groups)
+    taken = upstream_counts([(label, health) for label, health, _ in upstreams], hedges, into=taken)
+    for label, health, connections in upstreams:
+        # Summed over the upstreams that share a label (one spec with two sets of pins).
+        up = taken.get("dot_proxy_upstream_up", label) or 0.0
+        assert isinstance(up, float)
+        taken.set("dot_proxy_upstream_up", max(up, 0.0 if health.down else 1.0), label)
+        open_now = taken.get("dot_proxy_upstream_connections", label) or 0.0
+        assert isinstance(open_now, float)
+        taken.set("dot_proxy_upstream_connections", open_now + len(connections), label)
     for result, count in running.reloads.items():
         taken.set("dot_proxy_config_reloads_total", float(count), result)
     if process is not None:
         process.read(taken)
-    return carry(running.retired, taken)
+    return taken
 
 
 def _serving(running: Running, taken: Snapshot) -> None:
@@ -133,28 +132,28 @@ def _zero_upstream(taken: Snapshot, label: str) -> None:
     taken.set("dot_proxy_upstream_connections", 0.0, label)
 
 
-def upstream_counts(groups: Iterable[UpstreamGroup], *, into: Snapshot) -> Snapshot:
-    """``into`` plus what ``groups`` counted: each upstream's queries, failures and answer
-    times, and the hedges (the counters, not the gauges), as a new snapshot."""
+def upstream_counts(
+    upstreams: Iterable[tuple[str, Health]], hedges: int, *, into: Snapshot
+) -> Snapshot:
+    """``into`` plus what was counted: each upstream's queries, failures and answer times
+    (from its health record, by label), and ``hedges`` (the counters, not the gauges), as a
+    new snapshot."""
     counted = Snapshot({name: dict(series) for name, series in into.values.items()})
     hedged = counted.get("dot_proxy_hedged_queries_total") or 0.0
     assert isinstance(hedged, float)
-    for group in groups:
-        hedged += group.hedges_started
-        for upstream, health in zip(group.upstreams, group.health, strict=True):
-            label = upstream.spec.label
-            failures = {
-                "timeout": health.timeouts,
-                "error": health.failures - health.timeouts,
-                "rcode": health.soft_failures,
-            }
-            queries = health.answers + health.failures + health.soft_failures + health.lost_races
-            _add(counted, "dot_proxy_upstream_queries_total", float(queries), label)
-            for reason, count in failures.items():
-                _add(counted, "dot_proxy_upstream_failures_total", float(count), label, reason)
-            rtt = health.rtt_histogram
-            _add(counted, "dot_proxy_upstream_rtt_seconds", Histogram(rtt.counts, rtt.sum), label)
-    counted.set("dot_proxy_hedged_queries_total", hedged)
+    for label, health in upstreams:
+        failures = {
+            "timeout": health.timeouts,
+            "error": health.failures - health.timeouts,
+            "rcode": health.soft_failures,
+        }
+        queries = health.answers + health.failures + health.soft_failures + health.lost_races
+        _add(counted, "dot_proxy_upstream_queries_total", float(queries), label)
+        for reason, count in failures.items():
+            _add(counted, "dot_proxy_upstream_failures_total", float(count), label, reason)
+        rtt = health.rtt_histogram
+        _add(counted, "dot_proxy_upstream_rtt_seconds", Histogram(rtt.counts, rtt.sum), label)
+    counted.set("dot_proxy_hedged_queries_total", hedged + hedges)
     return counted
 
 

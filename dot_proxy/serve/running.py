@@ -11,10 +11,14 @@ the new ones, never half of each:
 - the deadline into the handler and the resolver;
 - the cache keeps its answers and takes the new bounds (``AnswerCache.resize``); turned off,
   it is kept aside (its counters still count), turned on again, reused;
-- upstream settings that changed open a new upstream group with new connections (and one per
-  ``--forward`` zone), which new queries use at once; queries in flight on the old groups
-  finish there (each within the old deadline), and then their connections close. The old
-  groups' counters are kept (:attr:`Running.retired`), so no per-upstream counter goes back.
+- upstream settings that changed open a new upstream group (and one per ``--forward`` zone),
+  which new queries use at once. The groups are policy only; their pools and health records
+  live in the :class:`~dot_proxy.upstream.registry.UpstreamRegistry`, so an upstream whose
+  spec and connection settings did not change keeps its connections, and every upstream still
+  listed keeps its health and counters. A new or changed upstream gets new connections (on
+  demand); queries in flight on the old groups finish there (each within the old deadline),
+  and then the pools no group lists any more close. The old groups' hedges are counted on
+  (:attr:`Running.retired_hedges`), so no counter goes back.
 
 Settings that a running process cannot take (the sockets are bound, the workers forked, the
 user dropped to) are the caller's to refuse: see ``cli``'s reload.
@@ -26,27 +30,26 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import partial
 
 import trio
 
-from dot_proxy.config import Config, PlainSpec, UpstreamSpec
+from dot_proxy.config import Config
 from dot_proxy.core.access import AccessList, RateLimiter
 from dot_proxy.core.cache import AnswerCache
-from dot_proxy.core.metrics import Snapshot
+from dot_proxy.core.health import Health
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.resolver import Resolver, cache_for
 from dot_proxy.routing import Target, start_routes
 from dot_proxy.serve.listening import Listening
-from dot_proxy.serve.observe import upstream_counts
-from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
+from dot_proxy.upstream.group import UpstreamGroup
+from dot_proxy.upstream.registry import UpstreamRegistry, open_registry
 
 __all__ = ["UPSTREAM_SETTINGS", "Running", "open_running"]
 
 log = logging.getLogger(__name__)
 
-#: The settings the upstream group and its pools read: a change to any opens a new group.
+#: The settings the upstream groups and their pools read: a change to any opens new groups
+#: (and new pools where the pools' own settings changed: see upstream.registry.pool_key).
 UPSTREAM_SETTINGS = (
     "upstreams",
     "ca_data",
@@ -59,14 +62,6 @@ UPSTREAM_SETTINGS = (
 )
 
 
-@dataclass(slots=True)
-class _Hosted:
-    """An upstream group alive in the groups' nursery, and the scope that closes it."""
-
-    group: UpstreamGroup
-    scope: trio.CancelScope
-
-
 class Running:
     """See the module's docstring. Build with :func:`open_running`."""
 
@@ -75,8 +70,8 @@ class Running:
         config: Config,
         resolver: Resolver,
         stats: ServerStats,
-        groups_nursery: trio.Nursery | None,
-        hosted: Sequence[_Hosted] = (),
+        registry: UpstreamRegistry | None = None,
+        retiring: trio.Nursery | None = None,
     ) -> None:
         self.config = config
         self.stats = stats
@@ -87,11 +82,12 @@ class Running:
         self.listening: Listening | None = None
         self._tcp_listeners = 0
         self.reloads = {"success": 0, "error": 0}
-        # Counts of upstream groups closed after a reload, carried so counters never go back.
-        self.retired = Snapshot()
+        # Hedges of the groups retired after a reload, so that counter never goes back (each
+        # upstream's own counts live on in its health record, shared by the new groups).
+        self.retired_hedges = 0
         self._cache = resolver.cache  # kept when a reload turns the cache off
-        self._groups_nursery = groups_nursery
-        self._hosted = list(hosted)  # the default group first, then the zones'
+        self._registry = registry  # None: the resolver's upstreams are its caller's
+        self._retiring = retiring  # where old groups wait for their queries to finish
 
     @property
     def cache(self) -> AnswerCache | None:
@@ -100,9 +96,23 @@ class Running:
 
     @property
     def groups(self) -> Sequence[UpstreamGroup]:
-        """The upstream group in use first, then any still finishing queries after a reload."""
+        """The upstream group in use first, then the zones' and any still finishing queries
+        after a reload."""
         current = self.resolver.group
-        return [current, *(h.group for h in self._hosted if h.group is not current)]
+        if self._registry is None:
+            return [current]
+        return [current, *(group for group in self._registry.groups if group is not current)]
+
+    @property
+    def upstreams(self) -> list[tuple[str, Health, Sequence[object]]]:
+        """Each upstream a live group lists: its label, its health record, its connections."""
+        if self._registry is not None:
+            return self._registry.upstreams
+        group = self.resolver.group
+        return [
+            (upstream.spec.label, health, upstream.connections)
+            for upstream, health in zip(group.upstreams, group.health, strict=True)
+        ]
 
     def ready(self) -> bool:
         """Whether an upstream of the group in use is usable (not marked down)."""
@@ -142,18 +152,18 @@ class Running:
         group = self.resolver.group
         zones: list[tuple[Target, UpstreamGroup]] = []
         if any(getattr(old, name) != getattr(new, name) for name in UPSTREAM_SETTINGS):
-            if self._groups_nursery is None:
+            if self._registry is None or self._retiring is None:
                 log.warning("upstream settings were not reloaded: this resolver is not ours")
             else:
-                group = await self._open_group(new)
-                self._groups_nursery.start_soon(self._retire, self.resolver.group, old.timeout)
+                group = await self._registry.open_group(new)
                 # Each --forward zone's group takes the new settings too (its zone and
                 # upstreams stay: --forward takes a restart).
                 forwards = self.resolver.routes.forwards
                 for forward in new.forward:
                     target = forwards[forward.zone]
-                    zones.append((target, await self._open_group(new, forward.targets)))
-                    self._groups_nursery.start_soon(self._retire, target.group, old.timeout)
+                    zones.append((target, await self._registry.open_group(new, forward.targets)))
+                old_groups = [self.resolver.group, *(target.group for target, _ in zones)]
+                self._retiring.start_soon(self._retire, old_groups, old.timeout)
         # From here to the end nothing awaits: queries see the old settings or the new.
         for target, zone_group in zones:
             target.group = zone_group
@@ -187,38 +197,16 @@ class Running:
         )
         return cache
 
-    async def _open_group(
-        self, config: Config, specs: Sequence[UpstreamSpec | PlainSpec] | None = None
-    ) -> UpstreamGroup:
-        assert self._groups_nursery is not None
-        host = partial(_host_group, config, specs=specs)
-        hosted: _Hosted = await self._groups_nursery.start(host)
-        self._hosted.append(hosted)
-        return hosted.group
-
-    async def _retire(self, group: UpstreamGroup, drain: float) -> None:
-        # Every query that could still be on the old group started before the swap, under a
+    async def _retire(self, groups: Sequence[UpstreamGroup], drain: float) -> None:
+        # Every query that could still be on the old groups started before the swap, under a
         # deadline of at most the old timeout: after that long, nothing is left to finish.
         await trio.sleep(drain)
-        hosted = next(h for h in self._hosted if h.group is group)
-        # Fold its counts into `retired` and drop it from the live groups in one step (no
-        # await between), so a scrape sees them in one place or the other, never both.
-        self.retired = upstream_counts([group], into=self.retired)
-        self._hosted.remove(hosted)
-        hosted.scope.cancel()
-        log.debug("closed the upstream connections of the previous configuration")
-
-
-async def _host_group(
-    config: Config,
-    *,
-    specs: Sequence[UpstreamSpec | PlainSpec] | None = None,
-    task_status: trio.TaskStatus[_Hosted] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with trio.CancelScope() as scope:
-        async with open_upstream_group(config, specs=specs) as group:
-            task_status.started(_Hosted(group, scope))
-            await trio.sleep_forever()
+        assert self._registry is not None
+        for group in groups:
+            # No await between: a scrape sees its hedges live or retired, never both.
+            self._registry.retire(group)
+            self.retired_hedges += group.hedges_started
+        log.debug("closed what the previous configuration's upstreams no longer need")
 
 
 @asynccontextmanager
@@ -234,28 +222,24 @@ async def open_running(
     """
     stats = stats if stats is not None else ServerStats()
     if resolver is not None:
-        yield Running(config, resolver, stats, None)
+        yield Running(config, resolver, stats)
         return
-    async with trio.open_nursery() as groups:
+    async with open_registry() as registry, trio.open_nursery() as retiring:
         try:
-            hosted: _Hosted = await groups.start(_host_group, config)
-            zones = [hosted]
+            default = Target(await registry.open_group(config))
             forwards: dict[bytes, Target] = {}
             for forward in config.forward:
-                zone: _Hosted = await groups.start(
-                    partial(_host_group, config, specs=forward.targets)
-                )
-                zones.append(zone)
-                forwards[forward.zone] = Target(zone.group, encrypted=not forward.cleartext)
+                zone = await registry.open_group(config, forward.targets)
+                forwards[forward.zone] = Target(zone, encrypted=not forward.cleartext)
             async with trio.open_nursery() as refreshes:
                 try:
                     cache = cache_for(config)
                     routes = await start_routes(
-                        config, Target(hosted.group), forwards, cache=cache, nursery=refreshes
+                        config, default, forwards, cache=cache, nursery=refreshes
                     )
-                    answering = Resolver(hosted.group, config, refreshes, cache, routes=routes)
-                    yield Running(config, answering, stats, groups, zones)
+                    answering = Resolver(default.group, config, refreshes, cache, routes=routes)
+                    yield Running(config, answering, stats, registry, retiring)
                 finally:
                     refreshes.cancel_scope.cancel()
         finally:
-            groups.cancel_scope.cancel()
+            retiring.cancel_scope.cancel()

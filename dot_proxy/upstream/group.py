@@ -28,7 +28,7 @@ from dot_proxy.upstream.hedger import Hedger
 from dot_proxy.upstream.pool import Connect, open_upstreams
 from dot_proxy.upstream.race import Race
 
-__all__ = ["Member", "UpstreamGroup", "open_upstream_group"]
+__all__ = ["Member", "UpstreamGroup", "open_upstream_group", "run_upstream_group"]
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ class UpstreamGroup:
     """Answers queries from the upstreams, keeping their health.
 
     Resource handling: the hedger and prober tasks run in ``nursery`` (see
-    :func:`open_upstream_group`); per-query state lives in the query's task. Without a nursery
-    there is neither hedging nor probing.
+    :func:`run_upstream_group`); per-query state lives in the query's task. Without a nursery
+    there is neither hedging nor probing. The upstreams' pools are the caller's.
     """
 
     def __init__(
@@ -120,12 +120,14 @@ class UpstreamGroup:
         config: Config,
         nursery: trio.Nursery | None = None,
         *,
+        health: Sequence[Health] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if not upstreams:
             raise ValueError("a resolver needs at least one upstream")
         self._upstreams = tuple(upstreams)
-        self.health = tuple(Health() for _ in upstreams)
+        # Given: the records a previous group kept (a reload keeps what it learnt).
+        self.health = tuple(health) if health is not None else tuple(Health() for _ in upstreams)
         self._policy = Policy(config.upstream_policy)
         self._probe_deadline = config.timeout
         self._nursery = nursery
@@ -326,6 +328,29 @@ class UpstreamGroup:
 
 
 @asynccontextmanager
+async def run_upstream_group(
+    upstreams: Sequence[Member],
+    config: Config,
+    *,
+    health: Sequence[Health] | None = None,
+    rng: random.Random | None = None,
+) -> AsyncIterator[UpstreamGroup]:
+    """A group over ``upstreams`` (opened by the caller) with its background tasks running;
+    ``health``, if given, is one record per upstream to go on from. ``rng`` draws the
+    ``fastest`` policy's choices (seeded, a run can be replayed).
+
+    Resource handling: the hedger, the prober and any hedge are cancelled on exit.
+    """
+    async with trio.open_nursery() as nursery:
+        group = UpstreamGroup(upstreams, config, nursery, health=health, rng=rng)
+        nursery.start_soon(group.run)
+        try:
+            yield group
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def open_upstream_group(
     config: Config,
     *,
@@ -335,15 +360,9 @@ async def open_upstream_group(
 ) -> AsyncIterator[UpstreamGroup]:
     """Open the upstream pools (``config.upstreams``, or ``specs``: a ``--forward`` zone's;
     see :func:`~dot_proxy.upstream.pool.open_upstreams` for ``connect``) and a group over
-    them, with its background tasks. ``rng`` draws the ``fastest`` policy's choices (seeded, a
-    run can be replayed)."""
+    them (:func:`run_upstream_group`)."""
     async with (
         open_upstreams(config, specs=specs, connect=connect) as upstreams,
-        trio.open_nursery() as nursery,
+        run_upstream_group(upstreams, config, rng=rng) as group,
     ):
-        group = UpstreamGroup(upstreams, config, nursery, rng=rng)
-        nursery.start_soon(group.run)
-        try:
-            yield group
-        finally:
-            nursery.cancel_scope.cancel()
+        yield group

@@ -22,7 +22,7 @@ from dot_proxy.upstream.tls import Connect, tls_connector
 from dot_proxy.upstream.trio_private import missing_internals
 from dot_proxy.upstream.waiting import Waiter, WaitLine
 
-__all__ = ["Connect", "Upstream", "open_upstreams"]
+__all__ = ["Connect", "Upstream", "default_connector", "open_member", "open_upstreams"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,45 @@ class Upstream:
         self._room.wake_all()
 
 
+def default_connector(config: Config, *, warn: bool = True) -> Connect:
+    """TLS as configured (:func:`~dot_proxy.upstream.tls.tls_connector`), after a look at
+    whether this trio has what :mod:`~dot_proxy.upstream.trio_private` needs (a warning if not,
+    unless ``warn`` is false: it was given once already)."""
+    if warn and (problems := missing_internals()):
+        log.warning(
+            "trio %s: %s; upstream reads and writes take trio's public path, a scheduling "
+            "round slower each (dot-proxy is tested with the trio versions its package names)",
+            trio.__version__,
+            "; ".join(problems),
+        )
+    return tls_connector(config.ca_file, config.ca_data)
+
+
+def _member(
+    spec: UpstreamSpec | PlainSpec, config: Config, nursery: trio.Nursery, connect: Connect
+) -> Upstream | PlainUpstream:
+    # A plain: spec gets no pool: a socket per query.
+    if isinstance(spec, PlainSpec):
+        return PlainUpstream(spec, nursery)
+    return Upstream(spec, config, nursery, connect=connect)
+
+
+@asynccontextmanager
+async def open_member(
+    spec: UpstreamSpec | PlainSpec, config: Config, *, connect: Connect
+) -> AsyncIterator[Upstream | PlainUpstream]:
+    """One upstream's pool (a :class:`~dot_proxy.upstream.plain.PlainUpstream` for a
+    ``plain:`` spec), with a nursery of its own.
+
+    Resource handling: its nursery is cancelled on exit, which closes every connection.
+    """
+    async with trio.open_nursery() as nursery:
+        try:
+            yield _member(spec, config, nursery, connect)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 @asynccontextmanager
 async def open_upstreams(
     config: Config,
@@ -138,29 +177,15 @@ async def open_upstreams(
     all their connections close on exit. A ``plain:`` spec gets a
     :class:`~dot_proxy.upstream.plain.PlainUpstream` (no pool: a socket per query).
 
-    ``connect`` opens a connection's stream: by default TLS as configured
-    (:func:`~dot_proxy.upstream.tls.tls_connector`), after a look at whether this trio has what
-    :mod:`~dot_proxy.upstream.trio_private` needs (a warning if not); tests and the fuzz harness
-    pass their own.
+    ``connect`` opens a connection's stream: by default :func:`default_connector`; tests and
+    the fuzz harness pass their own.
     Resource handling: the pools' nursery is cancelled on exit, which closes every connection.
     """
     if connect is None:
-        connect = tls_connector(config.ca_file, config.ca_data)
-        if problems := missing_internals():
-            log.warning(
-                "trio %s: %s; upstream reads and writes take trio's public path, a scheduling "
-                "round slower each (dot-proxy is tested with the trio versions its package "
-                "names)",
-                trio.__version__,
-                "; ".join(problems),
-            )
+        connect = default_connector(config)
     async with trio.open_nursery() as nursery:
-        upstreams: list[Upstream | PlainUpstream] = []
-        for spec in config.upstreams if specs is None else specs:
-            if isinstance(spec, PlainSpec):
-                upstreams.append(PlainUpstream(spec, nursery))
-            else:
-                upstreams.append(Upstream(spec, config, nursery, connect=connect))
+        specs = config.upstreams if specs is None else specs
+        upstreams = [_member(spec, config, nursery, connect) for spec in specs]
         try:
             yield upstreams
         finally:
