@@ -27,7 +27,12 @@ from dot_proxy.config import Config, parse_upstream
 from dot_proxy.core.health import ALL_DOWN_PROBE_EVERY
 from dot_proxy.core.message import parse_query
 from dot_proxy.errors import UpstreamError
-from dot_proxy.upstream.group import PROBE_INTERVAL, UpstreamGroup, open_upstream_group
+from dot_proxy.upstream.group import (
+    PROBE_INTERVAL,
+    UpstreamGroup,
+    open_upstream_group,
+    run_upstream_group,
+)
 from dot_proxy.upstream.health_log import REPEAT_AFTER, HealthLog
 from tests.fakes import FakeConnect
 
@@ -39,16 +44,19 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-@asynccontextmanager
-async def group_of_two(nursery: trio.Nursery) -> AsyncIterator[tuple[UpstreamGroup, FakeConnect]]:
-    connect = FakeConnect(nursery)
-    config = Config(
+def two_upstreams() -> Config:
+    return Config(
         upstreams=(
             parse_upstream(f"127.0.0.1:{FIRST}#dns.test"),
             parse_upstream(f"127.0.0.1:{SECOND}#dns.test"),
         )
     )
-    async with open_upstream_group(config, connect=connect) as group:
+
+
+@asynccontextmanager
+async def group_of_two(nursery: trio.Nursery) -> AsyncIterator[tuple[UpstreamGroup, FakeConnect]]:
+    connect = FakeConnect(nursery)
+    async with open_upstream_group(two_upstreams(), connect=connect) as group:
         yield group, connect
 
 
@@ -209,3 +217,27 @@ async def test_with_one_upstream_up_the_down_one_backs_off_past_30_seconds(
         probes = probes_of(connect, FIRST, [start])
         gaps = [b - a for a, b in itertools.pairwise(probes)]
         assert max(gaps) >= 64, gaps  # 1, 2, 4 ... 128, 256: RFC 7858 §3.1, no hammering
+
+
+async def test_an_upstream_down_when_its_group_is_replaced_is_said_to_come_back(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reload builds a new group on the health records of the old one (upstream.registry):
+    # the new group's log must know what the old one said, or an upstream down at the reload
+    # would have "down" as the log's last word after it came back.
+    caplog.set_level(logging.WARNING, logger="dot_proxy")
+    async with group_of_two(nursery) as (group, connect):
+        connect.refusing = {FIRST: True, SECOND: False}
+        for index in range(4):
+            await ask(group, f"q{index}")
+        assert group.health[0].down
+        caplog.clear()
+        async with run_upstream_group(
+            group.upstreams, two_upstreams(), health=group.health
+        ) as replacement:
+            connect.refusing[FIRST] = False
+            await trio.sleep(
+                replacement.health[0].next_probe - trio.current_time() + PROBE_INTERVAL
+            )
+            assert not replacement.health[0].down
+        assert warnings(caplog) == ["127.0.0.1:8531#dns.test answers again"]

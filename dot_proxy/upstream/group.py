@@ -138,7 +138,10 @@ class UpstreamGroup:
             self._hedger = Hedger(
                 self._start_hedge, hedge_after=config.hedge_after, ceiling=config.timeout / 2
             )
-        self._log = HealthLog([upstream.spec.label for upstream in upstreams])
+        self._log = HealthLog(
+            [upstream.spec.label for upstream in upstreams],
+            down=[health.down for health in self.health],
+        )
         self.hedges_started = 0  # read by the metrics
 
     @property

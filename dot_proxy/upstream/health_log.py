@@ -40,9 +40,11 @@ class HealthLog:
 
     __slots__ = ("_labels", "_said")
 
-    def __init__(self, labels: Sequence[str]) -> None:
+    def __init__(self, labels: Sequence[str], *, down: Sequence[bool] = ()) -> None:
         self._labels = tuple(labels)
-        self._said = [_Said() for _ in labels]
+        # ``down``: the upstreams already said to be down (by the log of the group this one
+        # replaces, after a reload), so that their coming back is said.
+        self._said = [_Said(down=was) for was in down or [False] * len(labels)]
 
     def went_down(self, index: int, now: float, reason: str, *, probe_in: float) -> None:
         """Upstream ``index`` is down since ``now`` because of ``reason``."""
