@@ -208,15 +208,25 @@ class Resolver:
         the upstreams failed and no stale answer may stand in; an upstream's SERVFAIL or
         REFUSED answer is returned as it came (never stored).
         """
-        answer = await self._resolve(data, query, target or self.routes.default)
-        return truncate_for_udp(answer, query.udp_limit) if udp else answer
-
-    async def _resolve(self, data: bytes, query: Query, target: Target) -> bytes:
+        target = target or self.routes.default
         cache = self.cache
         key = None if cache is None else cache_key(query, ecs_stripped=self._strip_ecs)
         if cache is None or key is None:
-            return self._for_client(await self._ask_upstreams(data, query, target), query)
-        cache.misses += 1
+            # Straight to the upstreams: no coroutine of ours between here and the group's.
+            outgoing = self._outgoing(data, query, target)
+            answer = self._for_client(
+                await target.group.resolve(outgoing, query.question_key), query
+            )
+        else:
+            cache.misses += 1
+            answer = await self._through_cache(cache, key, data, query, target)
+        return truncate_for_udp(answer, query.udp_limit) if udp else answer
+
+    async def _through_cache(
+        self, cache: AnswerCache, key: bytes, data: bytes, query: Query, target: Target
+    ) -> bytes:
+        """A cache miss: a fresh entry stored meanwhile, a stale one, another query's flight
+        for the same key, or this query's own."""
         while True:
             now = trio.current_time()
             entry = cache.get(key, now)
@@ -239,7 +249,9 @@ class Resolver:
         flight = self._flights[key] = _Flight()
         generation = self.routes.generation
         try:
-            answer = await self._ask_upstreams(data, query, target)
+            answer = await target.group.resolve(
+                self._outgoing(data, query, target), query.question_key
+            )
         except UpstreamError as exc:
             flight.fail(exc)
             raise
@@ -299,7 +311,9 @@ class Resolver:
         generation = self.routes.generation
         try:
             with trio.move_on_after(self._timeout):
-                answer = await self._ask_upstreams(data, query, target)
+                answer = await target.group.resolve(
+                    self._outgoing(data, query, target), query.question_key
+                )
                 stored = self._store(key, answer, query, generation)
                 if stored is None and answer[3] & 0x0F in _SOFT_FAILURES:
                     entry.retry_at = trio.current_time() + FAILURE_RECHECK
@@ -331,13 +345,15 @@ class Resolver:
         now = trio.current_time()
         return self.cache.put(key, answer, HEADER_SIZE + len(query.question), now)
 
-    async def _ask_upstreams(self, data: bytes, query: Query, target: Target) -> bytes:
+    def _outgoing(self, data: bytes, query: Query, target: Target) -> bytes:
+        """The query as ``target``'s upstreams get it: without ECS unless kept, padded on an
+        encrypted hop."""
         if self._strip_ecs and query.opt is not None:  # only a query with EDNS carries ECS
             data = strip_ecs(data)
         if self._padding and target.encrypted:
             # RFC 8467 §4.1: padded on the encrypted hop (never to a plain: resolver).
             data = pad_query(data, question_end=HEADER_SIZE + len(query.question))[0]
-        return await target.group.resolve(data, query.question_key)
+        return data
 
     def _from_flight(self, flight: _Flight, query: Query) -> bytes:
         if flight.entry is not None:

@@ -49,7 +49,7 @@ async def serve_udp(
         await trio.lowlevel.wait_readable(sock)
         now = trio.current_time()  # one clock read per burst: the cache's TTLs are whole seconds
         # Read per burst, not once: a configuration reload may replace them.
-        access, handler = listening.access, listening.handler
+        access, handler, limited = listening.access, listening.handler, listening.ratelimit
         received = answered = 0
         for _ in range(BURST):
             try:
@@ -67,7 +67,7 @@ async def serve_udp(
                     _send_datagram(sock, reply, address, stats)
                     answered += 1
                 continue
-            if not listening.admits(address[0]):
+            if limited is not None and not listening.admits(address[0]):
                 continue
             if not limiter.value:
                 stats.dropped_busy += 1
