@@ -353,7 +353,7 @@ Servers:
 {servers}
 
 dnsperf (the same command every round; the forwarding rows' query file is {m.query_count}
-lines of A, AAAA, TXT and NXDOMAIN names from `dot_proxy/testing/realdns.py`{cache_files}):
+lines of A, AAAA, TXT and NXDOMAIN names from `dot_proxy/testing/realdns/zone.py`{cache_files}):
 
 ```
 {chr(10).join(commands)}

@@ -34,7 +34,8 @@ def test_a_tool_off_path_is_found_in_the_system_directories(
 ) -> None:
     sbin = _executable(tmp_path / "sbin" / "fake-unbound").parent
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    monkeypatch.setattr(realdns, "SYSTEM_TOOL_DIRS", (str(sbin),))
+    # find_tool reads SYSTEM_TOOL_DIRS in realdns.tools, where it is defined.
+    monkeypatch.setattr(realdns.tools, "SYSTEM_TOOL_DIRS", (str(sbin),))
 
     assert realdns.find_tool("fake-unbound") == str(sbin / "fake-unbound")
     assert realdns.missing_tools("fake-unbound", "fake-kdig") == ["fake-kdig"]
@@ -46,7 +47,8 @@ def test_a_tool_off_path_is_found_in_the_system_directories(
 HIDE_TOOLS = """
 from dot_proxy.testing import realdns
 
-realdns.SYSTEM_TOOL_DIRS = ()  # with PATH empty too, no program can be found
+# find_tool reads SYSTEM_TOOL_DIRS in realdns.tools; with PATH empty too, nothing is found.
+realdns.tools.SYSTEM_TOOL_DIRS = ()
 """
 
 NEEDS_UNBOUND = """
