@@ -384,17 +384,21 @@ def test_bad_value_exits_2_with_one_line(
 
 @pytest.fixture
 def occupied_port() -> Iterator[int]:
-    """A loopback port with a TCP listener and a UDP socket on it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-        tcp.bind(("127.0.0.1", 0))
-        tcp.listen()
-        port = tcp.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                pytest.skip("the UDP port is taken by someone else")
-            yield port
+    """A loopback port with a TCP listener and a UDP socket on it (another port is tried
+    when someone else holds the kernel's pick for UDP)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            tcp.listen()
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                yield port
+                return
+    raise AssertionError("no loopback port free for both TCP and UDP")
 
 
 def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:

@@ -79,15 +79,29 @@ async def test_nothing_listening_is_unhealthy() -> None:
     assert all("FAILED" in line for line in lines), lines
 
 
+async def silent_sockets() -> tuple[trio.socket.SocketType, trio.socket.SocketType, int]:
+    """A UDP socket and a TCP one bound to the same loopback port chosen now. The kernel
+    picks the UDP port; another process may hold it for TCP, so try again until it is free
+    for both."""
+    for _ in range(100):
+        udp = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+        tcp = trio.socket.socket()
+        await udp.bind(("127.0.0.1", 0))
+        port: int = udp.getsockname()[1]
+        try:
+            await tcp.bind(("127.0.0.1", port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp, port
+    raise AssertionError("no loopback port free for both UDP and TCP")
+
+
 async def test_silence_is_unhealthy(autojump_clock: trio.testing.MockClock) -> None:
     # A UDP socket that reads nothing and a TCP listener that never accepts: a hung proxy.
-    with (
-        trio.socket.socket(type=trio.socket.SOCK_DGRAM) as udp,
-        trio.socket.socket() as tcp,
-    ):
-        await udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        await tcp.bind(("127.0.0.1", port))
+    udp, tcp, port = await silent_sockets()
+    with udp, tcp:
         tcp.listen(1)
         lines: list[str] = []
         config = Config(upstreams=(parse_upstream(NOWHERE),), listen=("127.0.0.1",), port=port)
