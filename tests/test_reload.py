@@ -355,3 +355,32 @@ async def test_a_query_in_flight_on_a_removed_upstream_finishes_there(
     await trio.sleep(proxy.running.config.timeout + 0.1)
     assert not old_pool.connections
     assert removed.handshakes == 1
+
+
+async def test_an_upstream_both_default_and_in_a_zone_has_one_pool(
+    start_upstream: StartUpstream,
+    start_ops_proxy: StartOpsProxy,
+    ca_file: str,
+    tmp_path: Path,
+    clock: trio.testing.MockClock,
+) -> None:
+    upstream = await start_upstream()
+    path = tmp_path / "dot-proxy.toml"
+    zone = f'forward = ["corp.example={upstream.spec}"]\n'
+    proxy, argv = await start_from_file(
+        start_ops_proxy, path, config_text([upstream], ca_file, zone)
+    )
+    await udp_exchange(proxy.port, query("www.example.com.").to_wire())
+    await udp_exchange(proxy.port, query("a.corp.example.").to_wire())
+    assert len(upstream.queries) == 2
+    assert upstream.handshakes == 1  # one connection serves both routes
+    [(label, health, connections)] = proxy.running.upstreams
+    assert label == upstream.spec and health.answers == 2 and len(connections) == 1
+    # A reload that changes nothing of the pool keeps it for both routes.
+    path.write_text(config_text([upstream], ca_file, zone + 'upstream-policy = "fastest"\n'))
+    assert await reload_now(proxy, argv)
+    await udp_exchange(proxy.port, query("b.corp.example.").to_wire())
+    await udp_exchange(proxy.port, query("www2.example.com.").to_wire())
+    assert upstream.handshakes == 1
+    metrics = await scrape(proxy.http)
+    assert metrics[f'dot_proxy_upstream_queries_total{{upstream="{upstream.spec}"}}'] == 4
