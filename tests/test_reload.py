@@ -15,8 +15,9 @@ import trio.testing
 
 from dot_proxy import cli
 from dot_proxy.cli import build_config
-from dot_proxy.config import Config
+from dot_proxy.config import Config, parse_upstream
 from dot_proxy.reloading import reload
+from dot_proxy.upstream.registry import pool_changes
 from tests.clients import query, scrape, udp_exchange
 from tests.conftest import OpsProxy, StartOpsProxy, StartUpstream
 from tests.fakes import FakeUpstream, Held, eventually
@@ -266,6 +267,7 @@ async def test_a_reload_that_adds_an_upstream_keeps_the_connections_of_the_other
     tmp_path: Path,
     clock: trio.testing.MockClock,
     hang_guard: None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second = await start_upstream(), await start_upstream()
     path = tmp_path / "dot-proxy.toml"
@@ -276,7 +278,12 @@ async def test_a_reload_that_adds_an_upstream_keeps_the_connections_of_the_other
     [pool] = old_group.upstreams
     [health] = old_group.health
     path.write_text(config_text([first, second], ca_file, 'upstream-policy = "fastest"\n'))
-    assert await reload_now(proxy, argv)
+    with caplog.at_level(logging.INFO, logger="dot_proxy"):
+        assert await reload_now(proxy, argv)
+    assert (
+        f"upstreams reloaded: connections kept: {first.spec}; new connections: {second.spec}"
+        in caplog.messages
+    )
     group = proxy.running.resolver.group
     assert group is not old_group
     # The unchanged upstream: the same pool, its warm connection, and what was learnt of it.
@@ -384,3 +391,20 @@ async def test_an_upstream_both_default_and_in_a_zone_has_one_pool(
     assert upstream.handshakes == 1
     metrics = await scrape(proxy.http)
     assert metrics[f'dot_proxy_upstream_queries_total{{upstream="{upstream.spec}"}}'] == 4
+
+
+def test_the_log_says_which_upstreams_keep_their_connections() -> None:
+    kept, added, removed = (parse_upstream(f"127.0.0.{n}:853#dns.test") for n in (1, 2, 3))
+    old = Config(upstreams=(kept, removed))
+    assert pool_changes(old, Config(upstreams=(kept, added))) == (
+        "connections kept: 127.0.0.1:853#dns.test; new connections: 127.0.0.2:853#dns.test; "
+        "closing once their queries are done: 127.0.0.3:853#dns.test"
+    )
+    # A setting every connection reads: each upstream gets new ones, the old close.
+    assert pool_changes(old, Config(upstreams=(kept, removed), max_pipeline=10)) == (
+        "new connections: 127.0.0.1:853#dns.test, 127.0.0.3:853#dns.test; "
+        "closing once their queries are done: 127.0.0.1:853#dns.test, 127.0.0.3:853#dns.test"
+    )
+    assert pool_changes(old, Config(upstreams=(kept, removed), hedge_after=0.0)) == (
+        "connections kept: 127.0.0.1:853#dns.test, 127.0.0.3:853#dns.test"
+    )

@@ -42,7 +42,7 @@ from dot_proxy.resolver import Resolver, cache_for
 from dot_proxy.routing import Target, start_routes
 from dot_proxy.serve.listening import Listening
 from dot_proxy.upstream.group import UpstreamGroup
-from dot_proxy.upstream.registry import UpstreamRegistry, open_registry
+from dot_proxy.upstream.registry import UpstreamRegistry, open_registry, pool_changes
 
 __all__ = ["UPSTREAM_SETTINGS", "Running", "open_running"]
 
@@ -164,6 +164,7 @@ class Running:
                     zones.append((target, await self._registry.open_group(new, forward.targets)))
                 old_groups = [self.resolver.group, *(target.group for target, _ in zones)]
                 self._retiring.start_soon(self._retire, old_groups, old.timeout)
+                log.info("upstreams reloaded: %s", pool_changes(old, new))
         # From here to the end nothing awaits: queries see the old settings or the new.
         for target, zone_group in zones:
             target.group = zone_group

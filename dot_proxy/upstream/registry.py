@@ -33,7 +33,7 @@ from dot_proxy.core.health import Health
 from dot_proxy.upstream.group import Member, UpstreamGroup, run_upstream_group
 from dot_proxy.upstream.pool import Connect, default_connector, open_member
 
-__all__ = ["UpstreamRegistry", "open_registry", "pool_key"]
+__all__ = ["UpstreamRegistry", "open_registry", "pool_changes", "pool_key"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,26 @@ def pool_key(spec: Spec, config: Config) -> Hashable:
         config.timeout,
         config.upstream_idle_timeout,
     )
+
+
+def pool_changes(old: Config, new: Config) -> str:
+    """What a reload from ``old`` to ``new`` does to the pools, for the log: whose connections
+    are kept, who gets new ones, whose close once their queries are done."""
+    before, after = _pools_of(old), _pools_of(new)
+    parts = [
+        (what, sorted({after.get(key) or before[key] for key in keys}))
+        for what, keys in (
+            ("connections kept", after.keys() & before.keys()),
+            ("new connections", after.keys() - before.keys()),
+            ("closing once their queries are done", before.keys() - after.keys()),
+        )
+    ]
+    return "; ".join(f"{what}: {', '.join(labels)}" for what, labels in parts if labels)
+
+
+def _pools_of(config: Config) -> dict[Hashable, str]:
+    specs = [*config.upstreams, *(spec for forward in config.forward for spec in forward.targets)]
+    return {pool_key(spec, config): spec.label for spec in specs}
 
 
 @dataclass(slots=True)
