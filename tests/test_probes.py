@@ -241,3 +241,21 @@ async def test_an_upstream_down_when_its_group_is_replaced_is_said_to_come_back(
             )
             assert not replacement.health[0].down
         assert warnings(caplog) == ["127.0.0.1:8531#dns.test answers again"]
+
+
+async def test_groups_that_share_health_records_probe_a_down_upstream_once(
+    clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    # A reload's new group and the old one draining (or the default group and a --forward
+    # zone's listing the same upstream) share its health record: one probe at a time, on one
+    # schedule, not one per group.
+    async with group_of_two(nursery) as (group, connect):
+        connect.refusing = {FIRST: True, SECOND: True}
+        asked = [trio.current_time()]
+        assert await ask(group, "first") is None  # both down at t=0
+        async with run_upstream_group(group.upstreams, two_upstreams(), health=group.health):
+            await trio.sleep(20)
+        for port in (FIRST, SECOND):
+            probes = probes_of(connect, port, asked)
+            assert len(probes) == 4, (port, probes)  # at about 1, 3, 7 and 15 s
+            assert len(set(probes)) == len(probes)

@@ -60,6 +60,8 @@ class Health:
     soft_failures: int = 0
     lost_races: int = 0
     rtt_histogram: Histogram = field(default_factory=Histogram)
+    # A background probe is out now: no second one (groups that share this record included).
+    probing: bool = False
     _samples: list[float] = field(default_factory=list)
     _next_sample: int = 0
     _p95: float | None = None
@@ -132,7 +134,7 @@ class Health:
     def probe_due(self, now: float, *, all_down: bool = False) -> bool:
         """Whether a background probe should be sent now; ``all_down`` when no upstream of
         the group is up (then at most :data:`ALL_DOWN_PROBE_EVERY` after the last failure)."""
-        if not self.down:
+        if not self.down or self.probing:
             return False
         if now >= self.next_probe:
             return True

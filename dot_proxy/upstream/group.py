@@ -295,19 +295,18 @@ class UpstreamGroup:
     async def _run_prober(self) -> None:
         """Probe down upstreams in the background until they answer again."""
         assert self._nursery is not None
-        probing: set[int] = set()
         while True:
             now = trio.current_time()
             all_down = all(health.down for health in self.health)
             for index, health in enumerate(self.health):
-                if health.probe_due(now, all_down=all_down) and index not in probing:
-                    probing.add(index)
-                    self._nursery.start_soon(self._probe, index, probing)
+                if health.probe_due(now, all_down=all_down):
+                    health.probing = True
+                    self._nursery.start_soon(self._probe, index)
                 probe_in = max(0.0, health.next_probe - now)
                 self._log.tick(index, now, down=health.down, probe_in=probe_in)
             await trio.sleep(PROBE_INTERVAL)
 
-    async def _probe(self, index: int, probing: set[int]) -> None:
+    async def _probe(self, index: int) -> None:
         # Any DNS answer, even SERVFAIL or REFUSED, shows the upstream is up again.
         started = trio.current_time()
         why = f"no answer to a probe within {self._probe_deadline:g} s"
@@ -319,7 +318,7 @@ class UpstreamGroup:
         except UpstreamError as exc:
             why = self._why(index, exc)
         finally:
-            probing.discard(index)
+            self.health[index].probing = False
         at = trio.current_time()
         self._update_health(index, lambda health: health.record_probe_failure(at), why)
         log.debug(
