@@ -41,6 +41,7 @@ from dot_proxy.core.message import HEADER_SIZE, Query, Rcode, truncate_for_udp
 from dot_proxy.errors import UpstreamError, fresh
 from dot_proxy.routing import Routes, Target, open_targets, start_routes
 from dot_proxy.upstream.group import UpstreamGroup
+from dot_proxy.upstream.registry import open_registry
 
 __all__ = ["Resolver", "cache_for", "open_resolver"]
 
@@ -125,7 +126,6 @@ class Resolver:
     def reconfigure(self, config: Config, group: UpstreamGroup, cache: AnswerCache | None) -> None:
         """Answer from now on with ``config``'s settings, ``group`` and ``cache`` (a reload);
         queries already under way finish with what they started with."""
-        self.group = group
         self.cache = cache
         # Names outside every --forward zone go to the new group (the router holds the target,
         # not the group); newly listed hosts names are dropped from the cache in use.
@@ -140,6 +140,11 @@ class Resolver:
         self._stale_after = min(CLIENT_RESPONSE_TIMER, config.timeout * 0.9)
         # Remembered answers point into the cache they came from: none outlive a change of it.
         self._repeats: tuple[dict[bytes, _Repeat], dict[bytes, _Repeat]] = ({}, {})  # TCP, UDP
+
+    @property
+    def group(self) -> UpstreamGroup:
+        """The default upstream group: where names outside every ``--forward`` zone go."""
+        return self.routes.default.group
 
     # --- the fast path: where the query is read ------------------------------------------
 
@@ -394,7 +399,8 @@ async def open_resolver(config: Config) -> AsyncIterator[Resolver]:
     hosts file's watch) is cancelled on exit, before the upstreams close.
     """
     cache = cache_for(config)
-    async with open_targets(config) as (default, forwards), trio.open_nursery() as nursery:
+    async with open_registry() as registry, trio.open_nursery() as nursery:
+        default, forwards = await open_targets(registry, config)
         routes = await start_routes(config, default, forwards, cache=cache, nursery=nursery)
         try:
             yield Resolver(default.group, config, nursery, cache, routes=routes)

@@ -4,8 +4,9 @@ The decision is :class:`~dot_proxy.core.local_zones.Router`'s (pure): the hosts 
 deepest of the ``--forward`` zones and the built-in local zones, else the default upstreams.
 This module gives it its targets and keeps it current:
 
-- :func:`open_targets` opens the default upstream group and one group per ``--forward`` zone,
-  each with its own pools, health records, failover and hedging; a zone's queries are padded
+- :func:`open_targets` opens the default upstream group and one group per ``--forward`` zone
+  from an :class:`~dot_proxy.upstream.registry.UpstreamRegistry`, each with its failover and
+  hedging; a zone's queries are padded
   (RFC 8467) only when its upstreams are reached over TLS, never for a ``plain:`` resolver.
 - :class:`Routes` holds the router, and re-reads the hosts file when it changes (polled every
   few seconds by its size, time and inode, as CoreDNS's hosts plugin does) or when asked
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Final, NamedTuple, NoReturn
 
@@ -28,10 +28,12 @@ import trio
 
 from dot_proxy.config import Config, read_hosts
 from dot_proxy.core.cache import AnswerCache
-from dot_proxy.core.hosts import TYPE_A, TYPE_AAAA, TYPE_PTR, HostsProblem, HostsTable
+from dot_proxy.core.hosts import HostsProblem, HostsTable
 from dot_proxy.core.local_zones import Forward, Local, Router
+from dot_proxy.core.message import TYPE_A, TYPE_AAAA, TYPE_PTR
 from dot_proxy.errors import ConfigError
-from dot_proxy.upstream.group import UpstreamGroup, open_upstream_group
+from dot_proxy.upstream.group import UpstreamGroup
+from dot_proxy.upstream.registry import UpstreamRegistry
 
 __all__ = [
     "HOSTS_POLL_INTERVAL",
@@ -67,22 +69,20 @@ class Target:
         self.encrypted = encrypted
 
 
-@asynccontextmanager
-async def open_targets(config: Config) -> AsyncIterator[tuple[Target, dict[bytes, Target]]]:
-    """Open the default upstream group and one per ``--forward`` zone; yield the default
-    target and the zones' (by lower-cased wire name).
+async def open_targets(
+    registry: UpstreamRegistry, config: Config
+) -> tuple[Target, dict[bytes, Target]]:
+    """Open the default upstream group and one per ``--forward`` zone in ``registry``; the
+    default target and the zones' (by lower-cased wire name).
 
-    Resource handling: every group closes on exit, the zones' first.
+    Resource handling: the groups live as long as ``registry``.
     """
-    async with AsyncExitStack() as stack:
-        default = await stack.enter_async_context(open_upstream_group(config))
-        forwards: dict[bytes, Target] = {}
-        for forward in config.forward:
-            group = await stack.enter_async_context(
-                open_upstream_group(config, specs=forward.targets)
-            )
-            forwards[forward.zone] = Target(group, encrypted=not forward.cleartext)
-        yield Target(default), forwards
+    default = Target(await registry.open_group(config))
+    forwards: dict[bytes, Target] = {}
+    for forward in config.forward:
+        group = await registry.open_group(config, forward.targets)
+        forwards[forward.zone] = Target(group, encrypted=not forward.cleartext)
+    return default, forwards
 
 
 class _Reading(NamedTuple):

@@ -25,6 +25,7 @@ from dot_proxy.core.ecs import has_ecs
 from dot_proxy.core.edns import option_spans
 from dot_proxy.core.message import (
     EDNS_DO,
+    FLAG_AA,
     FLAG_CD,
     FLAG_QR,
     FLAG_RA,
@@ -37,6 +38,7 @@ from dot_proxy.core.message import (
     RCODE_MASK,
     SIGNATURE_TYPES,
     TYPE_OPT,
+    TYPE_SOA,
     Query,
     Rcode,
     record_at,
@@ -58,8 +60,6 @@ STALE_TTL: Final = 30
 #: RFC 8914 §4.4: Extended DNS Error 3, "Stale Answer", told to EDNS clients served stale.
 _EDE_STALE: Final = struct.pack("!HHH", 15, 2, 3)
 
-_TYPE_SOA: Final = 6
-_FLAG_AA: Final = 0x0400
 _FLAG_AD: Final = 0x0020
 # RFC 2181 §8 made a TTL with the top bit set 0; RFC 8767 §4 reads it as positive instead and
 # caps every TTL at 7 days. --cache-max-ttl clamps below that.
@@ -167,7 +167,7 @@ class CachedAnswer:
         self._ttls = ttls
         # RD comes from each client; AA goes (an answer from a cache is not authoritative,
         # RFC 1035 §6.2); AD is given only to clients that ask for it (RFC 6840 §5.8).
-        self._flags = flags & ~(FLAG_RD | _FLAG_AA | FLAG_TC) | FLAG_QR | FLAG_RA
+        self._flags = flags & ~(FLAG_RD | FLAG_AA | FLAG_TC) | FLAG_QR | FLAG_RA
         self.counts = (ancount, nscount)
         self.arcount = arcount
         self.ttl = min(ttls)
@@ -308,7 +308,7 @@ def _walk(answer: bytes, offset: int, ancount: int, nscount: int, arcount: int) 
             if rr_type in SIGNATURE_TYPES:
                 return None
         ttl = _TTL.unpack_from(answer, fixed + 4)[0]
-        if rr_type == _TYPE_SOA and authority_from <= index < additional_from:
+        if rr_type == TYPE_SOA and authority_from <= index < additional_from:
             # RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM); MINIMUM is the
             # last field of the SOA's RDATA, after two names of at least one byte each.
             if offset - (fixed + 10) < 22:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 from typing import Final
 
-from dot_proxy.core.edns import OPTION_ECS, message_layout, option_spans
+from dot_proxy.core.edns import OPTION_ECS, drop_options, message_layout, option_spans
 from dot_proxy.errors import WireError
 
 __all__ = ["OPTION_ECS", "has_ecs", "strip_ecs"]
 
 
-_OPT_FIXED: Final = 11  # root owner, TYPE, CLASS, TTL, RDLENGTH (RFC 6891 §6.1.2)
-_RDLENGTH_AT: Final = 9
 _ECS_CODE: Final = OPTION_ECS.to_bytes(2, "big")
+_ECS_ONLY: Final = frozenset({OPTION_ECS})
 
 
 def strip_ecs(message: bytes) -> bytes:
@@ -48,15 +47,9 @@ def strip_ecs(message: bytes) -> bytes:
         _, opt, signed = message_layout(message)
         if opt is None or signed:
             return message
-        start, end = opt
-        rdata = message[start + _OPT_FIXED : end]
-        spans = option_spans(rdata)
+        return drop_options(message, opt, _ECS_ONLY)
     except WireError:
         return message
-    kept = b"".join(rdata[first:last] for code, first, last in spans if code != OPTION_ECS)
-    if len(kept) == len(rdata):
-        return message
-    return message[: start + _RDLENGTH_AT] + len(kept).to_bytes(2, "big") + kept + message[end:]
 
 
 def has_ecs(rdata: bytes) -> bool:

@@ -14,6 +14,7 @@ and record headers; record data is never parsed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from typing import Final
 
 from dot_proxy.core.message import (
@@ -34,6 +35,7 @@ __all__ = [
     "OPTION_PADDING",
     "QUERY_BLOCK",
     "RESPONSE_BLOCK",
+    "drop_options",
     "message_layout",
     "option_spans",
     "pad_query",
@@ -118,7 +120,7 @@ def pad_query(
         start, end = opt
         before = message[:start]
         fixed = message[start : start + _RDLENGTH_AT]
-        options = _without_padding(message[start + _OPT_FIXED : end])
+        options = _options_without(message[start + _OPT_FIXED : end], _PADDING_ONLY)
         after = message[end:records_end]
     unpadded = len(before) + _OPT_FIXED + len(options) + _OPTION_HEADER.size + len(after)
     pad = -unpadded % block
@@ -163,18 +165,29 @@ def strip_padding(
         return answer
     if opt is None:
         return answer
-    start, end = opt
     if remove_opt:
+        start, end = opt
         return _add_to_arcount(answer[:start], -1) + answer[end:]
-    rdata = answer[start + _OPT_FIXED : end]
     try:
-        kept = _without_padding(rdata, ecs=ecs)
+        return drop_options(answer, opt, _PADDING_AND_ECS if ecs else _PADDING_ONLY)
     except WireError:
         return answer
+
+
+def drop_options(message: bytes, opt: tuple[int, int], codes: Collection[int]) -> bytes:
+    """``message`` with the options whose code is in ``codes`` left out of its OPT record
+    (at ``opt``, as :func:`message_layout` finds it), the rest kept in order; ``message``
+    itself when none is there.
+
+    Error handling: raises :class:`WireError` (FORMERR) when an option runs past the record.
+    """
+    start, end = opt
+    rdata = message[start + _OPT_FIXED : end]
+    kept = _options_without(rdata, codes)
     if len(kept) == len(rdata):
-        return answer
-    fixed = answer[: start + _RDLENGTH_AT]
-    return fixed + len(kept).to_bytes(2, "big") + kept + answer[end:]
+        return message
+    fixed = message[: start + _RDLENGTH_AT]
+    return fixed + len(kept).to_bytes(2, "big") + kept + message[end:]
 
 
 # --- walking -------------------------------------------------------------------------------
@@ -220,19 +233,20 @@ def option_spans(rdata: bytes) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _without_padding(rdata: bytes, *, ecs: bool = False) -> bytes:
-    """An OPT record's options with every Padding option left out, the rest in order.
-
-    RFC 7830 allows one Padding option per OPT record; a second is dropped all the same.
-    With ``ecs``, EDNS Client Subnet options are left out too.
+def _options_without(rdata: bytes, codes: Collection[int]) -> bytes:
+    """An OPT record's options with every one whose code is in ``codes`` left out, the rest
+    in order (RFC 7830 allows one Padding option per OPT record; a second goes all the same).
     """
     if not rdata:
         return rdata
-    if rdata[:2] == _PADDING_CODE and len(rdata) == 4 + int.from_bytes(rdata[2:4], "big"):
+    if (
+        rdata[:2] == _PADDING_CODE
+        and OPTION_PADDING in codes
+        and len(rdata) == 4 + int.from_bytes(rdata[2:4], "big")
+    ):
         return b""  # the usual padded answer: padding is its only option
-    dropped = _PADDING_AND_ECS if ecs else _PADDING_ONLY
     return b"".join(
-        rdata[start:end] for code, start, end in option_spans(rdata) if code not in dropped
+        rdata[start:end] for code, start, end in option_spans(rdata) if code not in codes
     )
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
 
+from dot_proxy.core.message import TYPE_A, TYPE_AAAA, TYPE_PTR
 from dot_proxy.core.zones import name_to_wire
 
 __all__ = [
@@ -29,10 +29,6 @@ __all__ = [
     "RRsets",
     "parse_hosts",
 ]
-
-TYPE_A: Final = 1
-TYPE_PTR: Final = 12
-TYPE_AAAA: Final = 28
 
 #: A name's records: (type, rdatas) pairs, each type once, rdatas in wire format.
 RRsets = tuple[tuple[int, tuple[bytes, ...]], ...]

@@ -16,32 +16,34 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from dot_proxy.core.local_zones import NOERROR, REFUSED, TYPE_SOA, Local
+from dot_proxy.core.local_zones import Local
 from dot_proxy.core.message import (
+    CLASS_IN,
     EDNS_DO,
+    FLAG_AA,
     FLAG_CD,
     FLAG_QR,
     FLAG_RA,
     FLAG_RD,
+    HEADER,
     HEADER_SIZE,
     OUR_UDP_PAYLOAD,
+    TYPE_ANY,
     TYPE_OPT,
+    TYPE_SOA,
     Query,
+    Rcode,
     truncate_for_udp,
 )
 
 __all__ = ["local_answer"]
 
-FLAG_AA: Final = 0x0400
-TYPE_ANY: Final = 255
 # RFC 5936 §2.2 / RFC 1995: zone transfers are for authoritative servers' secondaries; the
 # local zones are not offered for transfer.
 _TRANSFER_TYPES: Final = frozenset({251, 252})  # IXFR, AXFR
-CLASS_IN: Final = 1
 # RFC 6891 §6.1.3: BADVERS is extended RCODE 16: 1 in the OPT record's upper eight bits.
 _BADVERS_HIGH: Final = 16 >> 4
 
-_HEADER = struct.Struct("!HHHHHH")
 _RR_FIXED = struct.Struct("!HHIH")  # type, class, TTL, RDLENGTH
 _OPT_FIXED = struct.Struct("!BHHBBHH")  # root owner, TYPE, CLASS (payload), TTL, RDLENGTH
 _QNAME_POINTER: Final = b"\xc0\x0c"  # RFC 1035 §4.1.4: the question's name, at offset 12
@@ -66,19 +68,19 @@ def local_answer(query: Query, local: Local, *, udp: bool) -> bytes:
         opt = _OPT_FIXED.pack(0, TYPE_OPT, OUR_UDP_PAYLOAD, extended, 0, do_bit, 0)
     rcode = local.rcode
     if qtype in _TRANSFER_TYPES:
-        rcode = REFUSED
+        rcode = Rcode.REFUSED
     records: list[bytes] = []
     authority = b""
     if extended:
-        rcode = NOERROR  # the whole code is in the OPT record and the header's low bits
-    elif rcode != REFUSED:
+        rcode = Rcode.NOERROR  # the whole code is in the OPT record and the header's low bits
+    elif rcode != Rcode.REFUSED:
         records = _records(local, qtype)
         if not records and local.soa is not None:
             authority = _soa_record(local, key)
     flags = FLAG_QR | FLAG_RA | (query.flags & (FLAG_RD | FLAG_CD)) | rcode
-    if rcode != REFUSED and not extended:
+    if rcode != Rcode.REFUSED and not extended:
         flags |= FLAG_AA
-    header = _HEADER.pack(query.id, flags, 1, len(records), 1 if authority else 0, 1 if opt else 0)
+    header = HEADER.pack(query.id, flags, 1, len(records), 1 if authority else 0, 1 if opt else 0)
     answer = b"".join((header, query.question, *records, authority, opt))
     return truncate_for_udp(answer, query.udp_limit) if udp else answer
 

@@ -28,7 +28,17 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Final, Generic, NamedTuple, TypeVar
 
-from dot_proxy.core.hosts import TYPE_A, TYPE_AAAA, TYPE_PTR, HostsTable, RRsets
+from dot_proxy.core.hosts import HostsTable, RRsets
+from dot_proxy.core.message import (
+    CLASS_ANY,
+    CLASS_IN,
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_NS,
+    TYPE_PTR,
+    TYPE_SOA,
+    Rcode,
+)
 from dot_proxy.core.zones import ROOT, ZoneTable, ancestors, name_to_wire, top_level
 
 __all__ = [
@@ -45,14 +55,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-TYPE_NS: Final = 2
-TYPE_SOA: Final = 6
-CLASS_IN: Final = 1
-CLASS_ANY: Final = 255
-NOERROR: Final = 0
-NXDOMAIN: Final = 3
-REFUSED: Final = 5
 
 #: Top-level domains the router turns names away by at most (see Router.route); with more (a
 #: blocklist for a hosts file), each name goes through the hosts and zone tables instead.
@@ -240,11 +242,11 @@ class Router(Generic[T]):
         for name, rrsets in names.items():
             zone = self._zones.longest_match(name)
             if isinstance(zone, _LocalZone):
-                answer = Local(NOERROR, rrsets, HOSTS_TTL, zone.other.soa)
+                answer = Local(Rcode.NOERROR, rrsets, HOSTS_TTL, zone.other.soa)
             else:
                 own = ((TYPE_SOA, (_HOSTS_SOA_RDATA,)),)
                 answer = Local(
-                    NOERROR, rrsets + own, HOSTS_TTL, Soa(None, _HOSTS_SOA_RDATA, HOSTS_TTL)
+                    Rcode.NOERROR, rrsets + own, HOSTS_TTL, Soa(None, _HOSTS_SOA_RDATA, HOSTS_TTL)
                 )
             answers[name] = shared.setdefault(answer, answer)
         return answers
@@ -277,17 +279,17 @@ def _builtin_zones(hosts_names: Iterable[bytes]) -> dict[bytes, _LocalZone]:
 
 def _builtin_zone(apex: bytes, data: dict[bytes, RRsets], empty: set[bytes]) -> _LocalZone:
     soa = Soa(apex, _LOCAL_SOA_RDATA, LOCAL_TTL)
-    nodata = Local(NOERROR, (), LOCAL_TTL, soa)
+    nodata = Local(Rcode.NOERROR, (), LOCAL_TTL, soa)
     if apex == LOCALHOST:
         # RFC 6761 §6.3: localhost. and every name under it are the loopback host.
         loopback = ((TYPE_A, (_LOOPBACK_V4.packed,)), (TYPE_AAAA, (_LOOPBACK_V6.packed,)))
         data[apex] += loopback
-        other = Local(NOERROR, loopback, LOCAL_TTL, soa)
+        other = Local(Rcode.NOERROR, loopback, LOCAL_TTL, soa)
     else:
-        other = Local(NXDOMAIN, (), LOCAL_TTL, soa)
+        other = Local(Rcode.NXDOMAIN, (), LOCAL_TTL, soa)
         data = {**dict.fromkeys(empty, ()), **data}
     names = {
-        name: Local(NOERROR, rrsets, LOCAL_TTL, soa) if rrsets else nodata
+        name: Local(Rcode.NOERROR, rrsets, LOCAL_TTL, soa) if rrsets else nodata
         for name, rrsets in data.items()
     }
-    return _LocalZone(names, other, Local(REFUSED, (), 0, None))
+    return _LocalZone(names, other, Local(Rcode.REFUSED, (), 0, None))

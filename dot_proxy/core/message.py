@@ -19,11 +19,19 @@ from typing import Final, NamedTuple
 from dot_proxy.errors import WireError
 
 __all__ = [
+    "CLASS_ANY",
+    "CLASS_IN",
     "HEADER",
     "HEADER_SIZE",
     "MAX_MESSAGE_SIZE",
     "SIGNATURE_TYPES",
+    "TYPE_A",
+    "TYPE_AAAA",
+    "TYPE_ANY",
+    "TYPE_NS",
     "TYPE_OPT",
+    "TYPE_PTR",
+    "TYPE_SOA",
     "Query",
     "Rcode",
     "RecordsLayout",
@@ -47,11 +55,21 @@ CLASSIC_UDP_LIMIT: Final = 512
 # The payload size we advertise in OPT records we make ourselves (DNS flag day 2020).
 OUR_UDP_PAYLOAD: Final = 1232
 
+# Record types and classes (RFC 1035 §3.2.2-3.2.5, RFC 3596, RFC 6891).
+TYPE_A: Final = 1
+TYPE_NS: Final = 2
+TYPE_SOA: Final = 6
+TYPE_PTR: Final = 12
+TYPE_AAAA: Final = 28
 TYPE_OPT: Final = 41
+TYPE_ANY: Final = 255
+CLASS_IN: Final = 1
+CLASS_ANY: Final = 255
 MAX_NAME_LENGTH: Final = 255
 
 # Header flag bits (RFC 1035 §4.1.1, RFC 4035 §3.2 for AD/CD).
 FLAG_QR: Final = 0x8000
+FLAG_AA: Final = 0x0400
 FLAG_TC: Final = 0x0200
 FLAG_RD: Final = 0x0100
 FLAG_RA: Final = 0x0080

@@ -39,7 +39,7 @@ from dot_proxy.core.cache import AnswerCache
 from dot_proxy.core.health import Health
 from dot_proxy.handler import QueryHandler, ServerStats
 from dot_proxy.resolver import Resolver, cache_for
-from dot_proxy.routing import Target, start_routes
+from dot_proxy.routing import Target, open_targets, start_routes
 from dot_proxy.serve.listening import Listening
 from dot_proxy.upstream.group import UpstreamGroup
 from dot_proxy.upstream.registry import UpstreamRegistry, open_registry, pool_changes
@@ -227,11 +227,7 @@ async def open_running(
         return
     async with open_registry() as registry, trio.open_nursery() as retiring:
         try:
-            default = Target(await registry.open_group(config))
-            forwards: dict[bytes, Target] = {}
-            for forward in config.forward:
-                zone = await registry.open_group(config, forward.targets)
-                forwards[forward.zone] = Target(zone, encrypted=not forward.cleartext)
+            default, forwards = await open_targets(registry, config)
             async with trio.open_nursery() as refreshes:
                 try:
                     cache = cache_for(config)

@@ -133,11 +133,13 @@ class UpstreamGroup:
         self._nursery = nursery
         self._rng = rng or random.Random()
         self._turn = 0
+        # Hedging needs a nursery for its tasks and another upstream to hedge to.
         self._hedger: Hedger[_Attempts] | None = None
-        if nursery is not None and len(upstreams) > 1 and config.hedge_after != 0:
-            self._hedger = Hedger(
+        if nursery is not None and len(upstreams) > 1:
+            hedger = Hedger(
                 self._start_hedge, hedge_after=config.hedge_after, ceiling=config.timeout / 2
             )
+            self._hedger = hedger if hedger.enabled else None
         self._log = HealthLog(
             [upstream.spec.label for upstream in upstreams],
             down=[health.down for health in self.health],

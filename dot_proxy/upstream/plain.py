@@ -25,9 +25,8 @@ import trio
 
 from dot_proxy.config import PlainSpec
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
-from dot_proxy.core.message import FLAG_TC, answer_matches, message_id, replace_id
+from dot_proxy.core.message import FLAG_TC, HEADER_SIZE, answer_matches, message_id, replace_id
 from dot_proxy.errors import (
-    RaceLost,
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamError,
@@ -35,7 +34,7 @@ from dot_proxy.errors import (
     WireError,
     fresh,
 )
-from dot_proxy.upstream.race import Race
+from dot_proxy.upstream.race import Race, race_lost
 
 __all__ = ["PlainUpstream"]
 
@@ -98,13 +97,13 @@ class PlainUpstream:
         """
         waiter = race if race is not None else Race()
         if waiter.answer is not None:
-            raise self._lost()
+            raise race_lost(self.spec.label)
         attempt = _Attempt()
         self._nursery.start_soon(self._run, attempt, message, key, waiter)
         try:
             while attempt.answer is None and attempt.error is None:
                 if waiter.answer is not None:
-                    raise self._lost()
+                    raise race_lost(self.spec.label)
                 await waiter.wait()
         finally:
             attempt.scope.cancel()
@@ -112,9 +111,6 @@ class PlainUpstream:
             assert attempt.error is not None
             raise attempt.error
         return attempt.answer
-
-    def _lost(self) -> RaceLost:
-        return RaceLost(f"{self.spec.label}: another upstream answered first")
 
     async def _run(self, attempt: _Attempt, message: bytes, key: bytes, waiter: Race) -> None:
         with attempt.scope:
@@ -195,7 +191,7 @@ class PlainUpstream:
 
 
 def _is_answer(data: bytes, query_id: int, key: bytes) -> bool:
-    return len(data) >= 12 and message_id(data) == query_id and answer_matches(data, key)
+    return len(data) >= HEADER_SIZE and message_id(data) == query_id and answer_matches(data, key)
 
 
 def _reason(exc: OSError) -> str:

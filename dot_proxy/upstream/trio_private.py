@@ -24,9 +24,10 @@ then no TLS bytes are waiting to go out, or they are, and bytes go out in the or
 ``_outgoing``. ``_delayed_outgoing``, the one other path, is for server-side streams only.
 
 At run time, on a trio that lacks any of them (it renamed or retyped one), nothing breaks and
-nothing is silent: :func:`missing_internals` names what is missing, ``open_upstreams`` logs it
-as a warning once at start, and every connection takes trio's public path (``send_all``, one
-``receive_some`` per record): the same bytes, a scheduling round more per write and per record.
+nothing is silent: :func:`missing_internals` names what is missing,
+``pool.default_connector`` logs it as a warning once at start, and every connection takes
+trio's public path (``send_all``, one ``receive_some`` per record): the same bytes, a
+scheduling round more per write and per record.
 ``tests/test_trio_private.py`` fails on such a trio, and pyproject.toml pins trio to the
 releases the suite passed on.
 """
@@ -69,15 +70,21 @@ def missing_internals() -> list[str]:
     stream = trio.SSLStream(
         _Unconnected(), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), server_hostname="unconnected"
     )
+    problems = _lacking(stream)
+    # An SSLStream holds itself (its handshake-once keeps a bound method): a cycle that only
+    # the collector would free (tests/test_no_cycles.py). This one never handshakes.
+    vars(stream).pop("_handshook", None)
+    return problems
+
+
+def _lacking(stream: object) -> list[str]:
+    # What ``stream`` lacks of INTERNALS, one line each: the one place they are checked.
     problems = []
     for name, kind in INTERNALS.items():
         value = getattr(stream, name, None)
         if not isinstance(value, kind):
             found = "nothing" if value is None else type(value).__qualname__
             problems.append(f"SSLStream.{name} is {found}, not {kind.__qualname__}")
-    # An SSLStream holds itself (its handshake-once keeps a bound method): a cycle that only
-    # the collector would free (tests/test_no_cycles.py). This one never handshakes.
-    vars(stream).pop("_handshook", None)
     return problems
 
 
@@ -199,18 +206,13 @@ def round_saving_sender(stream: trio.abc.SendStream) -> RoundSavingSender | None
     :class:`~dot_proxy.upstream.socket_stream.EagerSocketStream`, or a trio whose SSLStream lacks
     :data:`INTERNALS` (see the module's docstring): then every write goes through ``send_all``.
     """
-    ssl_object = getattr(stream, "_ssl_object", None)
-    outgoing = getattr(stream, "_outgoing", None)
-    lock = getattr(stream, "_inner_send_lock", None)
-    if not (
-        isinstance(stream, trio.SSLStream)
-        and isinstance(stream.transport_stream, EagerSocketStream)
-        and isinstance(ssl_object, ssl.SSLObject)
-        and isinstance(outgoing, ssl.MemoryBIO)
-        and isinstance(lock, trio.StrictFIFOLock)
+    if (
+        not isinstance(stream, trio.SSLStream)
+        or not isinstance(stream.transport_stream, EagerSocketStream)
+        or _lacking(stream)
     ):
         return None
-    return RoundSavingSender(stream, ssl_object, outgoing, lock)
+    return RoundSavingSender(stream, stream._ssl_object, stream._outgoing, stream._inner_send_lock)
 
 
 class _Unconnected(trio.abc.Stream):
