@@ -21,7 +21,7 @@ import trio
 from dot_proxy.config import Config, UpstreamSpec
 from dot_proxy.core import pins
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
-from dot_proxy.core.message import message_id
+from dot_proxy.core.message import message_id, rcode_name
 from dot_proxy.errors import ConfigError, UpstreamError
 from dot_proxy.upstream.socket_stream import EagerSocketStream
 from dot_proxy.upstream.tls import make_ssl_context, open_tls, quickack_hook
@@ -32,7 +32,6 @@ __all__ = ["make_test_query", "run_check"]
 TEST_QUERY = bytes.fromhex("5ca1 0100 0001 0000 0000 0000 00 0002 0001")
 _QUERY_HEADER = bytes.fromhex("5ca1 0100 0001 0000 0000 0000")
 _TYPE_A_CLASS_IN = bytes.fromhex("0001 0001")
-RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 # The answers that show the upstream resolves for us; NXDOMAIN is an answer too.
 RESOLVED = ("NOERROR", "NXDOMAIN")
 WHY_NOT = {
@@ -170,5 +169,4 @@ async def _ask(stream: trio.SSLStream[EagerSocketStream], query: bytes) -> str:
         decoder.feed(data)
         answer = decoder.next_message()
         if answer is not NEED_DATA and len(answer) >= 4 and message_id(answer) == 0x5CA1:
-            rcode = answer[3] & 0x0F
-            return RCODES[rcode] if rcode < len(RCODES) else f"rcode {rcode}"
+            return rcode_name(answer)

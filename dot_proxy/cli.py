@@ -262,16 +262,17 @@ def _check_parser() -> argparse.ArgumentParser:
 
 
 def build_config(
-    argv: Sequence[str], environ: Mapping[str, str], *, read_ca: bool = True
+    argv: Sequence[str], environ: Mapping[str, str], *, read_files: bool = True
 ) -> Config:
     """Turn arguments, environment and the ``--config`` file into a validated :class:`Config`.
 
-    ``read_ca=False`` leaves ``ca_data`` unset rather than read the CA file (a reload, which
-    keeps the one read at the start). Error handling: raises :class:`ConfigError` naming the
-    flag, the environment variable or ``FILE: key`` the bad value came from. Every key of the
-    file is checked, including those a flag or variable overrides.
+    ``read_files=False`` leaves the CA file and the hosts file unread (a reload, which keeps
+    the CA read at the start and re-reads the hosts file itself). Error handling: raises
+    :class:`ConfigError` naming the flag, the environment variable or ``FILE: key`` the bad
+    value came from. Every key of the file is checked, including those a flag or variable
+    overrides.
     """
-    return _config_from(_parser().parse_args(argv), environ, read_ca=read_ca)
+    return _config_from(_parser().parse_args(argv), environ, read_files=read_files)
 
 
 def check_config_file(path: str) -> Config:
@@ -283,18 +284,18 @@ def check_config_file(path: str) -> Config:
 
 
 def _config_from(
-    args: argparse.Namespace, environ: Mapping[str, str], *, read_ca: bool = True
+    args: argparse.Namespace, environ: Mapping[str, str], *, read_files: bool = True
 ) -> Config:
     sources: list[Source] = [Flags(args), Environment(environ)]
     where = Lookup(sources, known=vars(args))
     path = where.one("config", str, None)
     if path is None:
-        return settings(Lookup(sources, known=vars(args)), read_ca=read_ca)
+        return settings(Lookup(sources, known=vars(args)), read_files=read_files)
     file = ConfigFile.load(path, where=where.where("config"))
     # The file must be right on its own: a bad key stops the start even where a flag or a
     # variable overrides it, rather than waiting for the day that flag is dropped.
-    settings(Lookup([file], known=vars(args)), read_ca=False)
-    config = settings(Lookup([*sources, file], known=vars(args)), read_ca=read_ca)
+    settings(Lookup([file], known=vars(args)), read_files=False)
+    config = settings(Lookup([*sources, file], known=vars(args)), read_files=read_files)
     return dataclasses.replace(config, config_file=path)
 
 
@@ -324,14 +325,18 @@ def _drop_privileges(user: str, where: str = "--user") -> None:
     log.info("running as user %s (uid %d, gid %d)", user, record.pw_uid, record.pw_gid)
 
 
+def _usage_error(command: str, error: ConfigError) -> NoReturn:
+    print(f"dot-proxy {command}: {error}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
 def _check(argv: list[str]) -> NoReturn:
     try:
         args = _check_parser().parse_args(argv)
         config = _config_from(args, os.environ)
         query = make_test_query(args.query)
     except ConfigError as exc:
-        print(f"dot-proxy check: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _usage_error("check", exc)
     sys.exit(trio.run(partial(run_check, config, query=query)))
 
 
@@ -346,8 +351,7 @@ def _check_config(argv: list[str]) -> NoReturn:
     try:
         config = check_config_file(argv[0])
     except ConfigError as exc:
-        print(f"dot-proxy check-config: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _usage_error("check-config", exc)
     given = len(ConfigFile.load(argv[0]).values)
     print(f"{argv[0]}: ok ({given} settings; {len(config.upstreams)} upstream(s))")
     sys.exit(0)
@@ -358,8 +362,7 @@ def _healthcheck(argv: list[str]) -> NoReturn:
     try:
         config = build_config(argv, os.environ)
     except ConfigError as exc:
-        print(f"dot-proxy healthcheck: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _usage_error("healthcheck", exc)
     sys.exit(trio.run(run_healthcheck, config))
 
 
@@ -375,7 +378,7 @@ def _rebuild(args: Sequence[str], environ: Mapping[str, str]) -> Callable[[Confi
     """Build the configuration again as at the start, the config file re-read (a reload)."""
 
     def rebuild(old: Config) -> Config:
-        new = build_config(args, environ, read_ca=False)
+        new = build_config(args, environ, read_files=False)
         if new.ca_file == old.ca_file:
             # Read at the start, perhaps as root: a reload keeps that reading.
             new = dataclasses.replace(new, ca_data=old.ca_data)

@@ -73,7 +73,7 @@ class UpstreamSpec:
     def label(self) -> str:
         """How logs and errors name this upstream: ``HOST:PORT#NAME``, or ``HOST:PORT`` when
         no name is checked (pins alone authenticate it)."""
-        address = _host_port(self.host, self.port)
+        address = host_port(self.host, self.port)
         return f"{address}#{self.auth_name}" if self.check_name else address
 
     @property
@@ -97,7 +97,7 @@ class PlainSpec:
     @property
     def label(self) -> str:
         """How logs and errors name this upstream."""
-        return PLAIN_PREFIX + _host_port(self.host, self.port)
+        return PLAIN_PREFIX + host_port(self.host, self.port)
 
     @property
     def description(self) -> str:
@@ -105,7 +105,8 @@ class PlainSpec:
         return self.label
 
 
-def _host_port(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as logs and messages write it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

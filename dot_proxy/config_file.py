@@ -104,6 +104,23 @@ def _toml_type(value: object) -> str:
     return f"a {type(value).__name__}"  # dates and times
 
 
+def read_setting_file(path: str, where: str) -> bytes:
+    """The bytes of a file a setting names (``where``: the flag, variable or file key).
+
+    Error handling: raises :class:`ConfigError`, one line, when it does not exist, is a
+    directory or cannot be read.
+    """
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: {path!r} is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path!r}: {exc.strerror or exc}") from None
+
+
 class ConfigFile:
     """A loaded, checked config file: a settings source for ``cli``'s lookup."""
 
@@ -119,14 +136,7 @@ class ConfigFile:
         read, is not TOML, or holds an unknown key or a value of the wrong type.
         """
         try:
-            with open(path, "rb") as file:
-                data = tomllib.load(file)
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{where}: {path!r} is a directory, not a file") from None
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read {path!r}: {exc.strerror or exc}") from None
+            data = tomllib.loads(read_setting_file(path, where).decode())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except UnicodeDecodeError:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from http import HTTPStatus
@@ -31,8 +30,9 @@ from http import HTTPStatus
 import h11
 import trio
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, host_port
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
+from dot_proxy.core.message import FLAG_QR, HEADER, HEADER_SIZE, message_id, rcode_name
 
 __all__ = ["HEALTHCHECK_TIMEOUT", "run_healthcheck", "status_query", "target_host"]
 
@@ -42,9 +42,7 @@ __all__ = ["HEALTHCHECK_TIMEOUT", "run_healthcheck", "status_query", "target_hos
 HEALTHCHECK_TIMEOUT = 2.0
 OPCODE_STATUS = 2
 HEALTH_PATH = "/healthz"
-_HEADER = struct.Struct("!HHHHHH")
 _ROOT_NS_QUESTION = b"\x00\x00\x02\x00\x01"  # ". IN NS"
-_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 # Enough for the endpoint's one-line bodies; a longer answer is not this proxy's.
 _MAX_BODY = 4096
@@ -57,7 +55,7 @@ Check = tuple[str, Callable[[], Awaitable[tuple[bool, str]]]]
 
 def status_query(query_id: int) -> bytes:
     """A STATUS query for ``. IN NS`` with ``query_id``: the proxy answers it NOTIMP itself."""
-    return _HEADER.pack(query_id, OPCODE_STATUS << 11, 1, 0, 0, 0) + _ROOT_NS_QUESTION
+    return HEADER.pack(query_id, OPCODE_STATUS << 11, 1, 0, 0, 0) + _ROOT_NS_QUESTION
 
 
 def target_host(listen: tuple[str, ...]) -> str:
@@ -69,7 +67,7 @@ async def run_healthcheck(config: Config, *, out: Print = print) -> int:
     """Ask the proxy over UDP and TCP, and ``GET /healthz`` with ``--metrics``; 0 if every
     question was answered (/healthz with 200), each within 2 s, else 1."""
     host = target_host(config.listen)
-    where = _host_port(host, config.port)
+    where = host_port(host, config.port)
     checks: list[Check] = [
         (f"udp {where}", partial(_ask_dns, _ask_udp, host, config.port)),
         (f"tcp {where}", partial(_ask_dns, _ask_tcp, host, config.port)),
@@ -79,7 +77,7 @@ async def run_healthcheck(config: Config, *, out: Print = print) -> int:
         metrics_host = target_host((metrics_host,))
         checks.append(
             (
-                f"http {_host_port(metrics_host, metrics_port)}{HEALTH_PATH}",
+                f"http {host_port(metrics_host, metrics_port)}{HEALTH_PATH}",
                 partial(_ask_health, metrics_host, metrics_port),
             )
         )
@@ -116,16 +114,12 @@ async def _run_check(
         results[index] = (True, f"{name}: {answered} in {elapsed:.1f} ms")
 
 
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def _ask_dns(ask: Ask, host: str, port: int) -> tuple[bool, str]:
     query_id = random.randrange(0x10000)
     answer = await ask(host, port, status_query(query_id))
     if not _answers(answer, query_id):
         return False, "the connection closed without an answer"
-    return True, f"answered {_rcode(answer)}"
+    return True, f"answered {rcode_name(answer)}"
 
 
 async def _ask_health(host: str, port: int) -> tuple[bool, str]:
@@ -148,7 +142,7 @@ async def _http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
         request = h11.Request(
             method="GET",
             target=path,
-            headers=[("host", _host_port(host, port)), ("connection", "close")],
+            headers=[("host", host_port(host, port)), ("connection", "close")],
         )
         await stream.send_all(
             (connection.send(request) or b"") + (connection.send(h11.EndOfMessage()) or b"")
@@ -167,15 +161,9 @@ async def _http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
 
 
 def _answers(message: bytes, query_id: int) -> bool:
-    if len(message) < _HEADER.size:
+    if len(message) < HEADER_SIZE:
         return False
-    msg_id, flags = struct.unpack_from("!HH", message)
-    return msg_id == query_id and bool(flags & 0x8000)
-
-
-def _rcode(message: bytes) -> str:
-    rcode = message[3] & 0x0F
-    return _RCODES[rcode] if rcode < len(_RCODES) else f"rcode {rcode}"
+    return message_id(message) == query_id and bool(message[2] & (FLAG_QR >> 8))
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -74,11 +74,10 @@ def plan_reload(old: Config, new: Config) -> tuple[Config, list[str], list[str]]
 
 
 async def reload(running: Running, rebuild: Rebuild) -> bool:
-    """One reload of ``running`` with ``rebuild(running.config)``; True if it was applied."""
+    """One reload of ``running``'s config file with ``rebuild(running.config)``; True if it
+    was applied (False without a config file)."""
     old = running.config
     if old.config_file is None:
-        if old.hosts_file is None:
-            log.warning("SIGHUP: there is no --config file to re-read; nothing changed")
         return False
     try:
         new = rebuild(old)
@@ -104,6 +103,10 @@ async def reload_on_sighup(running: Running, rebuild: Rebuild) -> None:
     file, then the hosts file (``--hosts``), which is also re-read whenever it changes."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
+            config = running.config
+            if config.config_file is None and config.hosts_file is None:
+                log.warning("SIGHUP: there is no --config file to re-read; nothing changed")
+                continue
             await reload(running, rebuild)
             if running.config.hosts_file is not None:
                 log.info("SIGHUP: re-reading the hosts file")

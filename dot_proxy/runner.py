@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, host_port
 from dot_proxy.core.slots import SlotTable
 from dot_proxy.errors import ConfigError
 from dot_proxy.logs import configure_logging
@@ -106,7 +106,7 @@ async def serve_process(
         )
         if notifier is not None and notifier.enabled:
             # Type=notify: systemd counts the service started only now, once it answers.
-            where = (f"{kind} [{a}]:{p}" if ":" in a else f"{kind} {a}:{p}" for kind, a, p in bound)
+            where = (f"{kind} {host_port(address, port)}" for kind, address, port in bound)
             notifier.ready("serving on " + ", ".join(where))
             await stop.wait()
             notifier.stopping()

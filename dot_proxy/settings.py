@@ -25,6 +25,7 @@ from dot_proxy.config import (
     parse_upstream,
     read_hosts,
 )
+from dot_proxy.config_file import read_setting_file
 from dot_proxy.core.hosts import HostsProblem, HostsTable
 from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
@@ -37,18 +38,18 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 T = TypeVar("T")
 
 
-def settings(value: Lookup, *, read_ca: bool = True) -> Config:
-    """The Config ``value`` finds (defaults for the rest), validated; ``read_ca=False``
+def settings(value: Lookup, *, read_files: bool = True) -> Config:
+    """The Config ``value`` finds (defaults for the rest), validated; ``read_files=False``
     leaves the CA file and the hosts file unread (a reload: the running proxy keeps its
     readings, and re-reads the hosts file itself)."""
     ca_file = value.one("ca-file", str, None)
     ca_data = None
-    if ca_file is not None and read_ca:
+    if ca_file is not None and read_files:
         ca_data = _read_ca_file(ca_file, value.where("ca-file"))
     hosts_file = value.one("hosts", str, None)
     hosts_table: HostsTable | None = None
     hosts_problems: list[HostsProblem] = []
-    if hosts_file is not None and read_ca:
+    if hosts_file is not None and read_files:
         # Read now, as the CA file is (before --user): unreadable exits 2 here; its bad lines
         # are logged when serving starts.
         hosts_table, hosts_problems = read_hosts(hosts_file, where=value.where("hosts"))
@@ -206,14 +207,9 @@ def _boolean(text: str) -> bool:
 def _read_ca_file(path: str, where: str) -> str:
     """The CA file's text, read now: before --user drops privileges, as servers read keys."""
     try:
-        with open(path, encoding="ascii") as file:
-            text = file.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: {path!r} does not exist") from None
+        text = read_setting_file(path, where).decode("ascii")
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: {path!r} is not PEM text") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {path!r}: {exc.strerror or exc}") from None
     try:
         make_ssl_context(ca_file=path, ca_data=text)
     except (ssl.SSLError, ValueError) as exc:

@@ -42,6 +42,7 @@ __all__ = [
     "name_end",
     "parse_query",
     "question_end",
+    "rcode_name",
     "record_at",
     "records_layout",
     "replace_id",
@@ -185,6 +186,16 @@ def _error_message(
     do_bit = _opt_flags(client_opt) & EDNS_DO
     opt = b"\x00" + _RR_FIXED.pack(TYPE_OPT, OUR_UDP_PAYLOAD, do_bit, 0)
     return header + question + opt
+
+
+def rcode_name(message: bytes) -> str:
+    """The RCODE in ``message``'s header by its RFC 1035 name (``NOERROR``, ...), or
+    ``rcode N`` for one that is not an :class:`Rcode`; for what a person reads."""
+    code = message[3] & RCODE_MASK
+    try:
+        return Rcode(code).name
+    except ValueError:
+        return f"rcode {code}"
 
 
 def message_id(message: bytes) -> int:

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
+from dot_proxy.config import host_port
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve.sockets import grow_receive_buffer
 
@@ -71,7 +72,8 @@ def parse_listen_fds(environ: Mapping[str, str], pid: int) -> tuple[ListenFd, ..
     if not count_text.strip().isdigit() or not 0 < int(count_text) <= _MAX_FDS:
         raise ConfigError(f"LISTEN_FDS: {count_text!r} is not a number of sockets (1-{_MAX_FDS})")
     count = int(count_text)
-    names = environ.get("LISTEN_FDNAMES", "").split(":") if environ.get("LISTEN_FDNAMES") else []
+    text = environ.get("LISTEN_FDNAMES")
+    names = text.split(":") if text else []
     names += ["unknown"] * (count - len(names))
     return tuple(ListenFd(LISTEN_FDS_START + index, names[index]) for index in range(count))
 
@@ -144,7 +146,7 @@ def _check_servable(sock: socket.socket, what: str) -> None:
 
 def _where(sock: socket.socket) -> str:
     address, port = sock.getsockname()[:2]
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return host_port(address, port)
 
 
 def _close_quietly(fd: int) -> None:

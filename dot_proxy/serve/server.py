@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 
 import trio
 
-from dot_proxy.config import Config, cleartext_zones
+from dot_proxy.config import Config, cleartext_zones, host_port
 from dot_proxy.core.access import AccessList
 from dot_proxy.core.local_zones import BUILTIN_NXDOMAIN_ZONES
 from dot_proxy.handler import ServerStats
@@ -88,8 +88,7 @@ async def serve(
 
 def _log_startup(config: Config, bound: list[tuple[str, str, int]]) -> None:
     for transport, address, port in bound:
-        shown = f"[{address}]" if ":" in address else address
-        log.info("listening on %s %s:%d", transport, shown, port)
+        log.info("listening on %s %s", transport, host_port(address, port))
     for spec in config.upstreams:
         log.info("forwarding over TLS to %s", spec.description)
     _log_split_dns(config)

@@ -9,7 +9,7 @@ import logging
 import socket
 import sys
 
-from dot_proxy.config import Config
+from dot_proxy.config import Config, host_port
 from dot_proxy.errors import ConfigError
 
 __all__ = ["UDP_RECEIVE_BUFFER", "bind_sockets", "bind_worker_sockets", "grow_receive_buffer"]
@@ -155,7 +155,7 @@ EXAMPLE_PORTS = (5300, 8053)
 
 
 def _bind_error(config: Config, address: str, port: int, exc: OSError) -> ConfigError:
-    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    where = host_port(address, port)
     name = config.name_of("port")
     other = next(example for example in EXAMPLE_PORTS if example != port)
     # Said the way the port was given: a flag, a variable, a config file's key.

@@ -22,11 +22,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 __all__ = [
     "LOCAL_BASE",
@@ -85,12 +85,14 @@ class Podman:
         return cls(environment)
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = 600
+        self, *args: str, check: bool = True, timeout: float = 600, stdin: IO[bytes] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``podman ARGS``; raises :class:`ContainerError` on failure when ``check``."""
+        """Run ``podman ARGS`` (reading ``stdin`` if given); raises :class:`ContainerError` on
+        failure when ``check``."""
         result = subprocess.run(
             ["podman", *args],
             env=self.environment,
+            stdin=stdin,
             capture_output=True,
             text=True,
             check=False,
@@ -106,14 +108,8 @@ class Podman:
         """``tar -C TREE -c . | podman import - NAME``: a directory tree as an image."""
         tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
         try:
-            imported = subprocess.run(
-                ["podman", "import", "--change", "CMD=/bin/sh", "-", name],
-                env=self.environment,
-                stdin=tar.stdout,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=600,
+            imported = self.run(
+                "import", "--change", "CMD=/bin/sh", "-", name, check=False, stdin=tar.stdout
             )
         finally:
             if tar.stdout is not None:
@@ -267,8 +263,3 @@ def build_image(
     args += ["--build-arg", f"BASE_IMAGE={base}", *build_args, *pip_volumes, "-t", tag]
     podman.run(*args, str(context), timeout=900)
     return time.monotonic() - started
-
-
-def temporary_workdir() -> tempfile.TemporaryDirectory[str]:
-    """A scratch directory for the conf files and the debootstrap tree."""
-    return tempfile.TemporaryDirectory(prefix="dot-proxy-container-")
