@@ -27,7 +27,16 @@ from dot_proxy.serve.ops_http import bind_ops_socket, serve_ops
 from dot_proxy.serve.running import Running, open_running
 from dot_proxy.serve.server import serve
 from dot_proxy.upstream.group import UpstreamGroup
-from tests.fakes import Behaviour, FakeUpstream, answer_all
+from tests.fakes import (
+    Behaviour,
+    FakePlainServer,
+    FakeUpstream,
+    TcpBehaviour,
+    UdpBehaviour,
+    answer_all,
+    answer_tcp,
+    answer_udp,
+)
 
 
 @pytest.fixture
@@ -89,6 +98,7 @@ class RunningProxy:
 
 
 StartUpstream = Callable[..., Awaitable[FakeUpstream]]
+StartPlain = Callable[..., Awaitable[FakePlainServer]]
 StartProxy = Callable[..., Awaitable[RunningProxy]]
 
 
@@ -102,6 +112,20 @@ def start_upstream(ca: trustme.CA, nursery: trio.Nursery) -> StartUpstream:
         upstream = FakeUpstream(ca, behaviour=behaviour, **kwargs)
         await nursery.start(upstream.serve)
         return upstream
+
+    return start
+
+
+@pytest.fixture
+def start_plain(nursery: trio.Nursery) -> StartPlain:
+    """``await start_plain(udp=..., tcp=...)`` → a cleartext FakePlainServer on loopback."""
+
+    async def start(
+        udp: UdpBehaviour = answer_udp, tcp: TcpBehaviour = answer_tcp
+    ) -> FakePlainServer:
+        server = FakePlainServer(udp, tcp)
+        await nursery.start(server.serve)
+        return server
 
     return start
 

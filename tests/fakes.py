@@ -7,7 +7,6 @@ does: answer, hang, close mid-frame, send a wrong ID, and so on.
 from __future__ import annotations
 
 import contextlib
-import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -26,6 +25,7 @@ from dot_proxy.config import Config, PlainSpec, UpstreamSpec, parse_upstream
 from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.core.message import parse_query
 from dot_proxy.errors import UpstreamConnectError
+from dot_proxy.testing.realdns import bound_pair
 from dot_proxy.upstream.pool import Upstream, open_upstreams
 from dot_proxy.upstream.trio_private import RoundSavingSender
 
@@ -415,7 +415,7 @@ class FakePlainServer:
         self.tcp_behaviour = tcp
         self.udp_queries: list[tuple[bytes, Address]] = []
         self.tcp_queries: list[bytes] = []
-        self.udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp: trio.socket.SocketType  # bound in serve()
         self.port = 0
 
     @property
@@ -423,30 +423,16 @@ class FakePlainServer:
         return PlainSpec("127.0.0.1", self.port)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        tcp = await self._bind()
+        udp, listening, self.port = bound_pair()
+        self.udp = trio.socket.from_stdlib_socket(udp)
+        tcp = trio.socket.from_stdlib_socket(listening)
+        tcp.listen(16)
         task_status.started(self.port)
         with self.udp, tcp:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_udp)
                 listener = trio.SocketListener(tcp)
                 nursery.start_soon(trio.serve_listeners, self._serve_tcp, [listener])
-
-    async def _bind(self) -> trio.socket.SocketType:
-        # The kernel picks the UDP port; TCP takes the same one (tried again if it is busy).
-        for _ in range(20):
-            await self.udp.bind(("127.0.0.1", 0))
-            self.port = self.udp.getsockname()[1]
-            tcp = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                await tcp.bind(("127.0.0.1", self.port))
-            except OSError:
-                tcp.close()
-                self.udp.close()
-                self.udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                continue
-            tcp.listen(16)
-            return tcp
-        raise AssertionError("no port free for both UDP and TCP")
 
     async def _serve_udp(self) -> None:
         while True:

@@ -13,11 +13,23 @@ import re
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds a broken run only; a healthy one takes a fraction of a second. Not a speed assertion.
 HANG_GUARD = 60.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, *, within: float = HANG_GUARD) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` if it does not within ``within``
+    seconds (a bound on a broken run, not a speed assertion)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within:g} s: {what}")
+        time.sleep(0.05)
 
 
 def environment(**variables: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ from dot_proxy.reloading import reload_on_sighup
 from dot_proxy.routing import Routes, Target
 from dot_proxy.serve import sockets
 from dot_proxy.serve.running import Running
+from dot_proxy.testing.realdns import bound_pair
 from dot_proxy.upstream.group import UpstreamGroup
 from tests.processes import HANG_GUARD, ROOT, Proxy, run_dot_proxy
 
@@ -384,21 +385,11 @@ def test_bad_value_exits_2_with_one_line(
 
 @pytest.fixture
 def occupied_port() -> Iterator[int]:
-    """A loopback port with a TCP listener and a UDP socket on it (another port is tried
-    when someone else holds the kernel's pick for UDP)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            tcp.listen()
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                yield port
-                return
-    raise AssertionError("no loopback port free for both TCP and UDP")
+    """A loopback port with a TCP listener and a UDP socket on it."""
+    udp, tcp, port = bound_pair()
+    with udp, tcp:
+        tcp.listen()
+        yield port
 
 
 def test_address_in_use_exits_2_with_one_line(occupied_port: int) -> None:

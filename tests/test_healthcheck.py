@@ -18,7 +18,7 @@ from dot_proxy.config import Config, parse_upstream
 from dot_proxy.healthcheck import run_healthcheck, status_query, target_host
 from dot_proxy.serve.ops_http import OpsEndpoints, bind_ops_socket, serve_ops
 from dot_proxy.serve.server import serve
-from dot_proxy.testing.realdns import free_port
+from dot_proxy.testing.realdns import bound_pair, closed_port, free_port
 from tests.conftest import StartOpsProxy
 from tests.processes import run_dot_proxy
 
@@ -79,28 +79,9 @@ async def test_nothing_listening_is_unhealthy() -> None:
     assert all("FAILED" in line for line in lines), lines
 
 
-async def silent_sockets() -> tuple[trio.socket.SocketType, trio.socket.SocketType, int]:
-    """A UDP socket and a TCP one bound to the same loopback port chosen now. The kernel
-    picks the UDP port; another process may hold it for TCP, so try again until it is free
-    for both."""
-    for _ in range(100):
-        udp = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-        tcp = trio.socket.socket()
-        await udp.bind(("127.0.0.1", 0))
-        port: int = udp.getsockname()[1]
-        try:
-            await tcp.bind(("127.0.0.1", port))
-        except OSError:
-            udp.close()
-            tcp.close()
-            continue
-        return udp, tcp, port
-    raise AssertionError("no loopback port free for both UDP and TCP")
-
-
 async def test_silence_is_unhealthy(autojump_clock: trio.testing.MockClock) -> None:
     # A UDP socket that reads nothing and a TCP listener that never accepts: a hung proxy.
-    udp, tcp, port = await silent_sockets()
+    udp, tcp, port = bound_pair()
     with udp, tcp:
         tcp.listen(1)
         lines: list[str] = []
@@ -157,9 +138,10 @@ async def test_no_endpoint_where_metrics_says_is_unhealthy(nursery: trio.Nursery
     config = Config(upstreams=(parse_upstream(NOWHERE),), listen=("127.0.0.1",), port=0)
     bound = await nursery.start(functools.partial(serve, config))
     lines: list[str] = []
-    status = await run_healthcheck(
-        _nowhere(bound[0][2], ("127.0.0.1", free_port("both"))), out=lines.append
-    )
+    with closed_port() as refusing:
+        status = await run_healthcheck(
+            _nowhere(bound[0][2], ("127.0.0.1", refusing)), out=lines.append
+        )
     nursery.cancel_scope.cancel()
     assert status == 1, lines
     assert "FAILED" not in lines[0] + lines[1], lines
@@ -167,7 +149,7 @@ async def test_no_endpoint_where_metrics_says_is_unhealthy(nursery: trio.Nursery
 
 
 async def test_a_silent_endpoint_fails_within_the_timeout(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    clock: trio.testing.MockClock, nursery: trio.Nursery
 ) -> None:
     config = Config(upstreams=(parse_upstream(NOWHERE),), listen=("127.0.0.1",), port=0)
     bound = await nursery.start(functools.partial(serve, config))
@@ -181,6 +163,7 @@ async def test_a_silent_endpoint_fails_within_the_timeout(
         # The three questions go out together: 2 s in all, not 2 s each.
         assert trio.current_time() - started == pytest.approx(2.0)
     nursery.cancel_scope.cancel()
+    assert "FAILED" not in lines[0] + lines[1], lines
     assert lines[2].endswith("/healthz: FAILED: no answer within 2 s"), lines
 
 

@@ -321,6 +321,9 @@ def test_every_name_gets_exactly_one_route(label: str) -> None:
         elif suffix == ".lan" and name.lower() != "printer.lan.":
             assert isinstance(route, Forward)
             assert route.target == "lan"
+        elif suffix == ".com":  # under no zone and no hosts name: the default upstreams
+            assert isinstance(route, Forward)
+            assert route.target == "default"
 
 
 @given(

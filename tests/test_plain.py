@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable
 
 import dns.flags
 import dns.message
@@ -23,30 +22,13 @@ from dot_proxy.errors import (
 )
 from dot_proxy.upstream.plain import PlainUpstream
 from dot_proxy.upstream.race import Race
+from tests.conftest import StartPlain
 from tests.fakes import (
     Address,
     FakePlainServer,
-    TcpBehaviour,
-    UdpBehaviour,
     answer_for,
-    answer_tcp,
-    answer_udp,
     truncate,
 )
-
-StartServer = Callable[..., Awaitable[FakePlainServer]]
-
-
-@pytest.fixture
-def start_server(nursery: trio.Nursery) -> StartServer:
-    async def start(
-        udp: UdpBehaviour = answer_udp, tcp: TcpBehaviour = answer_tcp
-    ) -> FakePlainServer:
-        server = FakePlainServer(udp, tcp)
-        await nursery.start(server.serve)
-        return server
-
-    return start
 
 
 def make_query(name: str = "www.example.com", rdtype: str = "A") -> tuple[bytes, bytes]:
@@ -72,8 +54,8 @@ def forged(query: bytes, *, new_id: int | None = None, name: str | None = None) 
     return wire if new_id is None else replace_id(wire, new_id)
 
 
-async def test_a_udp_query_is_answered(start_server: StartServer, nursery: trio.Nursery) -> None:
-    server = await start_server()
+async def test_a_udp_query_is_answered(start_plain: StartPlain, nursery: trio.Nursery) -> None:
+    server = await start_plain()
     upstream = PlainUpstream(server.spec, nursery)
     query, key = make_query()
     answer = await upstream.query(query, key)
@@ -83,9 +65,9 @@ async def test_a_udp_query_is_answered(start_server: StartServer, nursery: trio.
 
 
 async def test_each_query_has_a_random_id_and_source_port(
-    start_server: StartServer, nursery: trio.Nursery
+    start_plain: StartPlain, nursery: trio.Nursery
 ) -> None:
-    server = await start_server()
+    server = await start_plain()
     upstream = PlainUpstream(server.spec, nursery)
     query, key = make_query()
     for _ in range(6):
@@ -99,9 +81,9 @@ async def test_each_query_has_a_random_id_and_source_port(
 
 
 async def test_a_truncated_answer_is_asked_again_over_tcp(
-    start_server: StartServer, nursery: trio.Nursery
+    start_plain: StartPlain, nursery: trio.Nursery
 ) -> None:
-    server = await start_server(udp=truncate)
+    server = await start_plain(udp=truncate)
     upstream = PlainUpstream(server.spec, nursery)
     query, key = make_query()
     answer = await upstream.query(query, key)
@@ -112,7 +94,7 @@ async def test_a_truncated_answer_is_asked_again_over_tcp(
 
 
 async def test_forged_answers_are_refused_and_the_real_one_accepted(
-    start_server: StartServer, nursery: trio.Nursery
+    start_plain: StartPlain, nursery: trio.Nursery
 ) -> None:
     async def forge_first(server: FakePlainServer, query: bytes, source: Address) -> None:
         query_id = message_id(query)
@@ -126,7 +108,7 @@ async def test_forged_answers_are_refused_and_the_real_one_accepted(
         await server.udp.sendto(b"\x00", source)
         await server.udp.sendto(answer_for(query), source)
 
-    server = await start_server(udp=forge_first)
+    server = await start_plain(udp=forge_first)
     upstream = PlainUpstream(server.spec, nursery)
     query, key = make_query()
     answer = await upstream.query(query, key)
@@ -134,26 +116,26 @@ async def test_forged_answers_are_refused_and_the_real_one_accepted(
 
 
 async def test_the_question_matches_whatever_its_case(
-    start_server: StartServer, nursery: trio.Nursery
+    start_plain: StartPlain, nursery: trio.Nursery
 ) -> None:
     async def upper(server: FakePlainServer, query: bytes, source: Address) -> None:
         answer = answer_for(query)
         await server.udp.sendto(answer.replace(b"example", b"EXAMPLE"), source)
 
-    server = await start_server(udp=upper)
+    server = await start_plain(udp=upper)
     query, key = make_query()
     answer = await PlainUpstream(server.spec, nursery).query(query, key)
     assert b"EXAMPLE" in answer
 
 
 async def test_a_lost_datagram_is_sent_again(
-    start_server: StartServer, nursery: trio.Nursery, clock: trio.testing.MockClock
+    start_plain: StartPlain, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
     async def drop_first(server: FakePlainServer, query: bytes, source: Address) -> None:
         if len(server.udp_queries) >= 3:
             await server.udp.sendto(answer_for(query), source)
 
-    server = await start_server(udp=drop_first)
+    server = await start_plain(udp=drop_first)
     query, key = make_query()
     started = trio.current_time()
     answer = await PlainUpstream(server.spec, nursery).query(query, key)
@@ -165,12 +147,12 @@ async def test_a_lost_datagram_is_sent_again(
 
 
 async def test_silence_lasts_until_the_callers_deadline(
-    start_server: StartServer, nursery: trio.Nursery, clock: trio.testing.MockClock
+    start_plain: StartPlain, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
     async def silent(server: FakePlainServer, query: bytes, source: Address) -> None:
         return None
 
-    server = await start_server(udp=silent)
+    server = await start_plain(udp=silent)
     query, key = make_query()
     with trio.move_on_after(5) as scope:
         await PlainUpstream(server.spec, nursery).query(query, key)
@@ -179,12 +161,12 @@ async def test_silence_lasts_until_the_callers_deadline(
 
 
 async def test_a_query_that_gives_up_leaves_nothing_behind(
-    start_server: StartServer, nursery: trio.Nursery, clock: trio.testing.MockClock
+    start_plain: StartPlain, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
     async def silent(server: FakePlainServer, query: bytes, source: Address) -> None:
         return None
 
-    server = await start_server(udp=silent)
+    server = await start_plain(udp=silent)
     query, key = make_query()
     async with trio.open_nursery() as upstreams:
         upstream = PlainUpstream(server.spec, upstreams)
@@ -204,20 +186,18 @@ async def test_a_closed_port_is_a_connect_error(nursery: trio.Nursery) -> None:
         await PlainUpstream(PlainSpec("127.0.0.1", port), nursery).query(query, key)
 
 
-async def test_tcp_closed_before_the_answer(
-    start_server: StartServer, nursery: trio.Nursery
-) -> None:
+async def test_tcp_closed_before_the_answer(start_plain: StartPlain, nursery: trio.Nursery) -> None:
     async def close_at_once(server: FakePlainServer, stream: trio.SocketStream) -> None:
         await stream.receive_some(65536)
 
-    server = await start_server(udp=truncate, tcp=close_at_once)
+    server = await start_plain(udp=truncate, tcp=close_at_once)
     query, key = make_query()
     with pytest.raises(UpstreamClosed):
         await PlainUpstream(server.spec, nursery).query(query, key)
 
 
 async def test_a_wrong_tcp_answer_is_a_protocol_error(
-    start_server: StartServer, nursery: trio.Nursery
+    start_plain: StartPlain, nursery: trio.Nursery
 ) -> None:
     async def wrong(server: FakePlainServer, stream: trio.SocketStream) -> None:
         decoder = FrameDecoder()
@@ -227,19 +207,19 @@ async def test_a_wrong_tcp_answer_is_a_protocol_error(
         await stream.send_all(frame(forged(query, name="www.example.org")))
         await stream.receive_some(65536)
 
-    server = await start_server(udp=truncate, tcp=wrong)
+    server = await start_plain(udp=truncate, tcp=wrong)
     query, key = make_query()
     with pytest.raises(UpstreamProtocolError, match="does not match"):
         await PlainUpstream(server.spec, nursery).query(query, key)
 
 
 async def test_a_won_race_ends_the_wait_at_once(
-    start_server: StartServer, nursery: trio.Nursery, clock: trio.testing.MockClock
+    start_plain: StartPlain, nursery: trio.Nursery, clock: trio.testing.MockClock
 ) -> None:
     async def silent(server: FakePlainServer, query: bytes, source: Address) -> None:
         return None
 
-    server = await start_server(udp=silent)
+    server = await start_plain(udp=silent)
     upstream = PlainUpstream(server.spec, nursery)
     query, key = make_query()
     race = Race()
@@ -259,8 +239,8 @@ async def test_a_won_race_ends_the_wait_at_once(
     assert len(server.udp_queries) == 1
 
 
-async def test_a_race_it_wins(start_server: StartServer, nursery: trio.Nursery) -> None:
-    server = await start_server()
+async def test_a_race_it_wins(start_plain: StartPlain, nursery: trio.Nursery) -> None:
+    server = await start_plain()
     query, key = make_query()
     answer = await PlainUpstream(server.spec, nursery).query(query, key, Race())
     assert address_of(answer) == "192.0.2.1"

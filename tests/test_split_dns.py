@@ -7,7 +7,6 @@ a fake cleartext resolver (UDP and TCP) for plain: zones, dnspython reading ever
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import dns.edns
@@ -23,7 +22,7 @@ import trio.testing
 from dot_proxy.config import ForwardZone, parse_forward
 from dot_proxy.core.zones import name_to_wire
 from tests.clients import query, tcp_exchange, udp_exchange
-from tests.conftest import RunningProxy, StartProxy, StartUpstream
+from tests.conftest import RunningProxy, StartPlain, StartProxy, StartUpstream
 from tests.fakes import (
     Address,
     FakePlainServer,
@@ -34,17 +33,6 @@ from tests.fakes import (
 )
 
 EXCHANGES = [pytest.param(udp_exchange, id="udp"), pytest.param(tcp_exchange, id="tcp")]
-StartPlain = Callable[..., Awaitable[FakePlainServer]]
-
-
-@pytest.fixture
-def start_plain(nursery: trio.Nursery) -> StartPlain:
-    async def start(**behaviours: object) -> FakePlainServer:
-        server = FakePlainServer(**behaviours)  # type: ignore[arg-type]
-        await nursery.start(server.serve)
-        return server
-
-    return start
 
 
 async def ask(

@@ -17,20 +17,9 @@ from dot_proxy.core.framing import NEED_DATA, FrameDecoder, frame
 from dot_proxy.errors import UpstreamTLSError
 from dot_proxy.upstream.tls import TLSSessions, make_ssl_context, open_tls
 from tests.conftest import StartUpstream
-from tests.fakes import AUTH_NAME, FakeUpstream, UpstreamConnection, answer_all, answer_for
+from tests.fakes import AUTH_NAME, FakeUpstream, answer_for
 
 QUERY = dns.message.make_query("www.example.com", "A").to_wire()
-
-
-class Recorder:
-    """A behaviour that notes whether each connection resumed a session, then answers."""
-
-    def __init__(self) -> None:
-        self.reused: list[bool] = []
-
-    async def __call__(self, connection: UpstreamConnection) -> None:
-        self.reused.append(connection.stream.session_reused)
-        await answer_all(connection)
 
 
 async def exchange(stream: trio.SSLStream[Any]) -> bytes:
@@ -57,32 +46,32 @@ def context(ca_file: str) -> ssl.SSLContext:
     return make_ssl_context(ca_file=ca_file)
 
 
-async def start(start_upstream: StartUpstream) -> tuple[FakeUpstream, Recorder, UpstreamSpec]:
-    recorder = Recorder()
-    upstream = await start_upstream(recorder)
-    return upstream, recorder, parse_upstream(upstream.spec)
+async def start(start_upstream: StartUpstream) -> tuple[FakeUpstream, UpstreamSpec]:
+    # The fake notes whether each handshake resumed a session (FakeUpstream.session_reused).
+    upstream = await start_upstream()
+    return upstream, parse_upstream(upstream.spec)
 
 
 async def test_a_reconnection_resumes_the_session(
     start_upstream: StartUpstream, context: ssl.SSLContext
 ) -> None:
-    upstream, recorder, spec = await start(start_upstream)
+    upstream, spec = await start(start_upstream)
     sessions = TLSSessions()
     for _ in range(3):
         stream = await connect(spec, context, sessions)
         assert stream.version() == "TLSv1.3"
         await stream.aclose()
-    assert recorder.reused == [False, True, True]
+    assert upstream.session_reused == [False, True, True]
     assert upstream.handshakes == 3
 
 
 async def test_without_a_store_nothing_is_resumed(
     start_upstream: StartUpstream, context: ssl.SSLContext
 ) -> None:
-    _, recorder, spec = await start(start_upstream)
+    upstream, spec = await start(start_upstream)
     for _ in range(2):
         await (await connect(spec, context, None)).aclose()
-    assert recorder.reused == [False, False]
+    assert upstream.session_reused == [False, False]
 
 
 async def test_tls12_session_ids_resume(
@@ -128,14 +117,14 @@ async def test_tls12_session_ids_resume(
 async def test_a_ticket_is_offered_once(
     start_upstream: StartUpstream, context: ssl.SSLContext
 ) -> None:
-    _, recorder, spec = await start(start_upstream)
+    upstream, spec = await start(start_upstream)
     sessions = TLSSessions()
     first = await connect(spec, context, sessions)
     # The second resumes the first's ticket; until it has read its own, a third gets none:
     # RFC 8446 §C.4, a ticket used twice links the two connections for an observer.
     second = await connect(spec, context, sessions, talk=False)
     third = await connect(spec, context, sessions)
-    assert recorder.reused == [False, True, False]
+    assert upstream.session_reused == [False, True, False]
     # Two connections opening at once: one resumes, the other makes a full handshake.
     opened: list[trio.SSLStream[Any]] = []
 
@@ -145,7 +134,7 @@ async def test_a_ticket_is_offered_once(
     async with trio.open_nursery() as nursery:
         for _ in range(2):
             nursery.start_soon(open_one)
-    assert sorted(recorder.reused[3:]) == [False, True]
+    assert sorted(upstream.session_reused[3:]) == [False, True]
     for stream in (first, second, third, *opened):
         await stream.aclose()
 
@@ -153,7 +142,7 @@ async def test_a_ticket_is_offered_once(
 async def test_sessions_are_offered_only_to_the_same_upstream(
     start_upstream: StartUpstream, context: ssl.SSLContext, ca_file: str
 ) -> None:
-    upstream, recorder, spec = await start(start_upstream)
+    upstream, spec = await start(start_upstream)
     sessions = TLSSessions()
     await (await connect(spec, context, sessions)).aclose()
     # The fake's certificate also names 127.0.0.1: the same server under another auth name,
@@ -167,18 +156,18 @@ async def test_sessions_are_offered_only_to_the_same_upstream(
         (spec, make_ssl_context(ca_file=ca_file)),
     ]:
         await (await connect(other, other_context, sessions)).aclose()
-    assert recorder.reused == [False, False, False, False]
+    assert upstream.session_reused == [False, False, False, False]
     assert len(sessions) == 4
     # Each resumes its own next time, the pinned one with its pin checked again.
     await (await connect(pinned, context, sessions)).aclose()
     await (await connect(by_address, context, sessions)).aclose()
-    assert recorder.reused[-2:] == [True, True]
+    assert upstream.session_reused[-2:] == [True, True]
 
 
 async def test_a_resumed_handshake_still_checks_the_pins(
     start_upstream: StartUpstream, context: ssl.SSLContext
 ) -> None:
-    upstream, recorder, spec = await start(start_upstream)
+    upstream, spec = await start(start_upstream)
     pinned = dataclasses.replace(spec, pins=(pins.spki_sha256_b64(upstream.leaf_der),))
     sessions = TLSSessions()
     await (await connect(pinned, context, sessions)).aclose()
@@ -191,7 +180,7 @@ async def test_a_resumed_handshake_still_checks_the_pins(
     sessions._sources[(*_key(wrong), context)] = sessions._sources.pop((*_key(pinned), context))
     with pytest.raises(UpstreamTLSError, match="matches none of the configured pins"):
         await open_tls(wrong, context, sessions)
-    assert recorder.reused[-1] is True
+    assert upstream.session_reused[-1] is True
     assert len(sessions) == 0  # a failed handshake leaves nothing to offer
 
 

@@ -18,7 +18,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.message
@@ -30,6 +30,7 @@ from dot_proxy.cpus import usable_cores
 from dot_proxy.errors import ConfigError
 from dot_proxy.serve.sockets import bind_worker_sockets
 from dot_proxy.workers import PARENT_CHECK_INTERVAL, CrashPolicy, _Supervisor
+from tests.processes import wait_until
 from tests.test_cli import HANG_GUARD, Proxy, udp_servfail
 
 
@@ -67,13 +68,6 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG_GUARD
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def tcp_servfail(port: int) -> None:

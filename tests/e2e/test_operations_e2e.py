@@ -21,6 +21,7 @@ import pytest
 
 from dot_proxy.testing import realdns
 from dot_proxy.testing.observability import Prometheus, http_get, scrape, total
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +33,6 @@ _QUERY_LINE = re.compile(r"info: \S+ (\S+) \S+ IN$", re.MULTILINE)
 def queries_seen(server: realdns.Unbound) -> int:
     """Queries for the test zone ``server`` has logged (the proxy's probes for ``.`` not)."""
     return sum(1 for name in _QUERY_LINE.findall(server.log_text()) if name.endswith("test."))
-
-
-def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WITHIN
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {WITHIN:g} s: {what}")
-        time.sleep(0.2)
 
 
 def metrics_proxy(

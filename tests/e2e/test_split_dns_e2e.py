@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from dot_proxy.testing import realdns
 from tests.e2e.test_cache_e2e import client
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -124,9 +124,7 @@ def test_the_hosts_file_is_answered_and_re_read_on_sighup(
 
     hosts.write_text("192.168.1.10 printer.lan\n192.168.1.20 nas.lan\n")
     proxy.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "re-read" not in proxy.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "re-read" in proxy.log_text(), "the hosts file re-read on SIGHUP")
     output = dig(proxy.port, "nas.lan", "A")
     assert "192.168.1.20" in output, proxy.log_text()
     nodata = dig(proxy.port, "printer.lan", "AAAA")

@@ -8,7 +8,6 @@ exec: move the descriptors into place and name its own pid, then exec the proxy.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-import dot_proxy
 from dot_proxy.config import Config, parse_upstream
 from dot_proxy.serve.sockets import bind_sockets
 from dot_proxy.testing import realdns
@@ -47,12 +45,6 @@ os.execv(argv[0], argv)
 """
 READY_TIMEOUT = 15.0
 NOWHERE = "127.0.0.1:9#nowhere.test"  # only to build a Config for bind_sockets
-
-
-def _environment(**extra: str) -> dict[str, str]:
-    source = str(Path(dot_proxy.__file__).resolve().parent.parent)
-    path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @contextmanager
@@ -123,8 +115,8 @@ def test_socket_activation_serves_the_passed_sockets(
         "--",
         *_proxy(unbound, pki, "--listen", "192.0.2.53", "--port", "53"),
     ]
-    env = _environment(
-        LISTEN_FDNAMES=":".join(["dns"] * len(fds)), NOTIFY_SOCKET=str(tmp_path / "notify")
+    env = realdns.dot_proxy_environment(
+        {"LISTEN_FDNAMES": ":".join(["dns"] * len(fds)), "NOTIFY_SOCKET": str(tmp_path / "notify")}
     )
     log = tmp_path / "dot-proxy.log"
     with _manager(tmp_path) as manager, _running(argv, env, log, pass_fds=fds) as process:
@@ -160,7 +152,7 @@ def test_notify_ready_once_serving_and_stopping_on_sigterm(
     port = realdns.free_port("both")
     argv = _proxy(unbound, pki, "--listen", "127.0.0.1", "--port", str(port))
     log = tmp_path / "dot-proxy.log"
-    env = _environment(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    env = realdns.dot_proxy_environment({"NOTIFY_SOCKET": str(tmp_path / "notify")})
     with _manager(tmp_path) as manager, _running(argv, env, log) as process:
         [ready] = _messages(manager, b"READY=1", log)
         assert ready.startswith(b"READY=1\nSTATUS=serving on "), ready
@@ -186,7 +178,7 @@ def test_with_workers_the_supervisor_notifies_ready_and_stopping(
     port = realdns.free_port("both")
     argv = _proxy(unbound, pki, "--listen", "127.0.0.1", "--port", str(port), "--workers", "2")
     log = tmp_path / "dot-proxy.log"
-    env = _environment(NOTIFY_SOCKET=str(tmp_path / "notify"))
+    env = realdns.dot_proxy_environment({"NOTIFY_SOCKET": str(tmp_path / "notify")})
     with _manager(tmp_path) as manager, _running(argv, env, log) as process:
         [ready] = _messages(manager, b"READY=1", log)
         assert ready == b"READY=1\nSTATUS=2 workers serving"

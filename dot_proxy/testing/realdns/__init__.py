@@ -18,7 +18,7 @@ The package re-exports every name below, so ``realdns.X`` is all a caller needs.
 
 - ``tools``: the errors (``RealDnsError``, ``ToolMissingError``), ``LOOPBACK``, ``AUTH_NAME``
   and ``STARTUP_TIMEOUT``, finding programs (``find_tool``, ``missing_tools``,
-  ``SYSTEM_TOOL_DIRS``), and ports (``free_port``, ``closed_port``);
+  ``SYSTEM_TOOL_DIRS``), and ports (``free_port``, ``bound_pair``, ``closed_port``);
 - ``pki``: the trustme CA and server certificate on disk (``Pki``, ``make_pki``);
 - ``zone``: the zone ``test.`` (``Zone``, ``write_zone``) and the dnsperf query files drawn
   from it (``write_queries``, ``zone_questions``, ``write_cache_queries``);
@@ -71,6 +71,7 @@ from dot_proxy.testing.realdns.tools import (
     RealDnsError,
     ToolMissingError,
     _require_tool,
+    bound_pair,
     closed_port,
     find_tool,
     free_port,
@@ -107,6 +108,7 @@ __all__ = [
     "Zone",
     "_Server",
     "_require_tool",
+    "bound_pair",
     "closed_port",
     "cpu_seconds",
     "cpu_us_per_query",

@@ -76,6 +76,29 @@ def free_port(kind: PortKind = "both", host: str = LOOPBACK) -> int:
     raise RealDnsError(f"no port free for {kind} on {host}")
 
 
+def bound_pair(host: str = LOOPBACK) -> tuple[socket.socket, socket.socket, int]:
+    """A UDP and a TCP socket bound to one port on ``host`` (the kernel's pick for UDP,
+    another tried when some other process holds it for TCP), and that port.
+
+    Resource handling: the caller owns both sockets and closes them; held, the port stays
+    theirs (unlike one :func:`free_port` found free).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            udp.bind((host, 0))
+            port: int = udp.getsockname()[1]
+            tcp.bind((host, port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        return udp, tcp, port
+    raise RealDnsError(f"no port free for both UDP and TCP on {host}")
+
+
 @contextlib.contextmanager
 def closed_port(host: str = LOOPBACK) -> Iterator[int]:
     """A TCP port on ``host`` that refuses connections for as long as the block runs.
